@@ -1,0 +1,1 @@
+"""Attention: the one entry point (attend.py), Selections and policies, RoPE."""

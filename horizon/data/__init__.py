@@ -1,0 +1,1 @@
+"""Data: byte tokenizer, tensorstore token store, corpus building, step-indexed batches."""

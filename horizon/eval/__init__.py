@@ -1,0 +1,1 @@
+"""Evaluation: reports (JSON, PNG plots, markdown tables)."""

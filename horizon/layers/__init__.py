@@ -1,0 +1,1 @@
+"""Layers: thin NNX modules (linear, norm, MLP, embedding) around pure functions."""

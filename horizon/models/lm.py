@@ -1,0 +1,52 @@
+"""Decoder-only language model built from the layer pattern in horizon.config.Model."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from horizon.config import Model
+from horizon.layers.embed import Embed
+from horizon.layers.linear import Linear
+from horizon.layers.norm import RMSNorm
+from horizon.models.blocks import Block, compute_dtype
+from horizon.train.sharding import constrain
+
+
+class LM(nnx.Module):
+    """tokens [B, T] -> logits [B, T, V] (fp32). Embedding, LM head and norms stay high precision."""
+
+    def __init__(self, cfg: Model, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = Embed(cfg.vocab_size, cfg.d_model, std=cfg.init_std, rngs=rngs, compute_dtype=compute_dtype(cfg))
+        self.layers = nnx.List([Block(cfg, layer_index=i, rngs=rngs) for i in range(cfg.n_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+        self.head = None if cfg.tie_embeddings else Linear(
+            cfg.d_model, cfg.vocab_size, axes=("embed", "vocab"), std=cfg.init_std, rngs=rngs,
+            compute_dtype=jnp.float32)
+
+    def hidden(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None, quant_key=None) -> jax.Array:
+        """Final-norm hidden states [B, T, M] (what output heads read)."""
+        B, T = tokens_BT.shape
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        if segment_ids_BT is None:
+            segment_ids_BT = jnp.zeros((B, T), jnp.int32)
+        x_BTM = constrain(self.embed(tokens_BT), ("batch", "length", "embed"))
+        for block in self.layers:
+            x_BTM = block(x_BTM, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, quant_key=quant_key)
+        return self.final_norm(x_BTM)
+
+    def logits(self, h_BTM: jax.Array) -> jax.Array:
+        if self.head is None:
+            return self.embed.attend(h_BTM)
+        return self.head(h_BTM.astype(jnp.float32)).astype(jnp.float32)
+
+    def __call__(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None, quant_key=None) -> jax.Array:
+        h = self.hidden(tokens_BT, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, quant_key=quant_key)
+        return constrain(self.logits(h), ("batch", "length", "vocab"))
+
+
+def count_params(model: nnx.Module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -37,7 +37,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Expe
 
     def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
         loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, quant_key(cfg.train.seed, state.step))
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if spike is not None:
             ok &= (state.loss_ema == 0) | (loss <= spike * state.loss_ema)

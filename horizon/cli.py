@@ -12,7 +12,6 @@ import importlib
 import io
 import pathlib
 import pkgutil
-import re
 import sys
 
 from horizon.errors import USER_ERRORS, ExperimentNotFound
@@ -32,15 +31,16 @@ def load_experiment(name: str):
 
 
 def _one_line_tyro_error(text: str) -> str:
-    """Reduce tyro's boxed parse error to its informative line."""
-    lines = [re.sub(r"^[\s│╭╰─┃]+|[\s│╮╯─┃]+$", "", ln) for ln in text.splitlines()]
-    lines = [ln for ln in lines if ln and not set(ln) <= set("─━╭╮╰╯│ ")]
-    for key in ("invalid", "Error", "error", "Unrecognized", "required"):
-        for i, ln in enumerate(lines):
-            if key in ln:
-                nxt = lines[i + 1] if i + 1 < len(lines) and "--" in lines[i + 1] and key != "invalid" else ""
-                return (ln + (" " + nxt if nxt else "")).strip()
-    return lines[0] if lines else "could not parse the arguments; see --help"
+    """Reduce tyro's boxed parse error to one line: the box's body up to its first rule."""
+    body = []
+    for raw in text.splitlines()[1:]:  # the first line is the box's title
+        line = raw.strip(" │╭╮╰╯┃")
+        if not line.strip("─━ ") or line.startswith("For full helptext"):
+            if body:
+                break
+            continue
+        body.append(line.strip())
+    return " ".join(body) or "could not parse the arguments; see --help"
 
 
 def parse_overrides(default, argv: list[str], prog: str):

@@ -24,6 +24,10 @@ class ShapeError(HorizonError, ValueError):
     """Arrays passed to a public function have shapes or dtypes it cannot take."""
 
 
+class NonFiniteError(HorizonError, ValueError):
+    """A tensor to quantize holds NaN or inf (its scale would be meaningless)."""
+
+
 class ExperimentNotFound(HorizonError):
     """`horizon run NAME` named no experiment module."""
 

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from horizon.config import Attention, Data, Experiment, Mesh, Model, Optim, from_dict, to_dict
+from horizon.config import Attention, Data, Experiment, Mesh, Model, Optim, Quant, from_dict, to_dict
 from horizon.errors import ConfigError
 
 
@@ -17,6 +17,8 @@ from horizon.errors import ConfigError
         (lambda: Optim(lr=0.0), "optim.lr"),
         (lambda: Optim(lr=-1e-3), "optim.lr"),
         (lambda: Model(layer_pattern="attn,convolution"), "model.layer_pattern"),
+        (lambda: Model(quant=Quant(recipe="nvfp5")), "model.quant.recipe"),
+        (lambda: Model(quant=Quant(high_precision_from=1.5)), "model.quant.high_precision_from"),
         (lambda: Experiment(model=Model(attention=Attention(policy="sliding_window", block=64)),
                             data=Data(seq_len=100)), "data.seq_len"),
     ],

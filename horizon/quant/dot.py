@@ -122,7 +122,7 @@ def _fprop(recipe: LinearRecipe, x_MK, w_KN, key):
     b_NK = _prepare(
         w_KN, recipe.fprop.rhs, axis=0, key=_operand_key(key, FPROP, 1), seed=seed, dtype=dt
     ).T
-    y_MN = qmatmul(a_MK, b_NK, implementation=recipe.implementation)
+    y_MN = qmatmul(a_MK, b_NK, implementation=recipe.implementation, interpret=recipe.interpret)
     return y_MN, b_NK
 
 
@@ -164,14 +164,14 @@ def _qdot_bwd(recipe: LinearRecipe, res, dy_MN):
             seed=seed,
             dtype=dt,
         )
-    dx_MK = qmatmul(a_MN, b_KN, implementation=recipe.implementation)
+    dx_MK = qmatmul(a_MN, b_KN, implementation=recipe.implementation, interpret=recipe.interpret)
 
     # wgrad: dW[N, K] = dY^T[N, M] . (X^T[K, M])^T, contraction M. Computed as X^T . dY^T^T (the
     # same products) so the result lands in w's [K, N] layout without a transpose.
     dyt_NM = _prepare(
         dy_MN, recipe.wgrad.lhs, axis=0, key=_operand_key(key, WGRAD, 0), seed=seed, dtype=dt
     ).T
-    dw_KN = qmatmul(xt_KM, dyt_NM, implementation=recipe.implementation)
+    dw_KN = qmatmul(xt_KM, dyt_NM, implementation=recipe.implementation, interpret=recipe.interpret)
     return dx_MK.astype(x_zero.dtype), dw_KN.astype(w_zero.dtype), None
 
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from horizon.errors import ShapeError
+from kernels.qmatmul.quantize_pallas import rht_last_axis
 
 TILE = 16
 
@@ -51,14 +52,10 @@ def rht(x: jax.Array, *, axis: int, seed: int = 0) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("axis", "seed"))
 def _rht(x: jax.Array, *, axis: int, seed: int) -> jax.Array:
-    n = x.shape[axis]
-    x = x.astype(jnp.float32)
-    tiles = x.reshape(*x.shape[:axis], n // TILE, TILE, *x.shape[axis + 1 :])
-    r = jnp.asarray(hadamard_matrix(seed))
-    # One einsum that keeps every other dim in place: no transposes around the small matmul.
-    letters = "abcdefghklmnopqrstuvwxyz"[: tiles.ndim]
-    i = letters[axis + 1]
-    out_sub = letters.replace(i, "j")
-    # HIGHEST: on GPUs the default fp32 matmul precision is TF32, which would round the inputs.
-    out = jnp.einsum(f"{letters},{i}j->{out_sub}", tiles, r, precision=jax.lax.Precision.HIGHEST)
-    return out.reshape(x.shape)
+    # The fused quantize kernel's butterfly (signs, then stages 1, 2, 4, 8 of (a + b, a - b), then
+    # * 0.25): a fixed summation order, so this spec and the kernel agree bit for bit on every
+    # backend, where a matmul's summation order would not.
+    signs = hadamard_matrix(seed)[:, 0] * np.sqrt(TILE)  # column 0 of H16 is all ones
+    mask = int(sum(1 << i for i, s in enumerate(signs) if s < 0))
+    y = rht_last_axis(jnp.moveaxis(x.astype(jnp.float32), axis, -1), mask)
+    return jnp.moveaxis(y, -1, axis)

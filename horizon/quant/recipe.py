@@ -112,6 +112,7 @@ class LinearRecipe:
     wgrad: GemmQuant = GemmQuant()
     hadamard_seed: int = 0
     implementation: str | None = None
+    interpret: bool = False  # run a Pallas implementation in interpret mode (CPU tests)
 
     def gemms(self) -> dict[str, GemmQuant]:
         return {"fprop": self.fprop, "dgrad": self.dgrad, "wgrad": self.wgrad}

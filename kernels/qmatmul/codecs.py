@@ -1,0 +1,236 @@
+"""Exact encode/decode/rounding of E2M1, E4M3, E5M2 and E8M0 written with integer ops, floor and
+same-width bitcasts only, so the same code runs inside Pallas Triton kernels (no round, no fp8
+types needed) and in interpret mode. Formats: OCP Microscaling v1.0 (2023), NVIDIA NVFP4 (2025).
+
+Encoding mirrors horizon/quant/{formats,rounding}.py operation by operation (they are the spec);
+tests check the two bit for bit.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental.pallas import triton as plgpu
+
+from kernels.qmatmul.qtensor import E2M1_MAGNITUDES
+
+# (mantissa bits, smallest normal exponent, largest finite magnitude) of each element grid.
+GRIDS = {"e2m1": (1, 0, 6.0), "e4m3": (3, -6, 448.0), "e5m2": (2, -14, 57344.0)}
+# OCP MX v1.0 table 1: emax of each element format.
+EMAX_ELEM = {"e2m1": 2, "e4m3": 8, "e5m2": 15}
+
+
+# ----------------------------------------------------------------------------- bits helpers
+
+
+def f32_from_bits(bits_i32):
+    return lax.bitcast_convert_type(bits_i32, jnp.float32)
+
+
+def bits_of(x_f32):
+    return lax.bitcast_convert_type(x_f32, jnp.int32)
+
+
+def pow2(e):
+    """2.0**e as float32 for int32 e in [-127, 127] from the exponent bits (e = -127 gives 0.0,
+    as in horizon.quant.rounding._pow2)."""
+    return f32_from_bits((e + 127) << 23)
+
+
+def floor_log2(a):
+    """floor(log2(a)) of float32 a > 0 from the exponent bits; -127 for zero and subnormals."""
+    return ((bits_of(a) >> 23) & 0xFF) - 127
+
+
+def signbit(x_f32):
+    """True where the float32 sign bit is set (-0.0 included)."""
+    return (bits_of(x_f32) >> 31) != 0
+
+
+def _with_sign(mag_f32, sign_bit_i32):
+    return f32_from_bits(bits_of(mag_f32) | sign_bit_i32)
+
+
+_SIGN = -(2**31)  # the fp32 sign bit as an int32
+
+
+def copysign_nonneg(mag_f32, v_f32):
+    """XLA's where(signbit(v), -mag, mag) for mag >= 0, by moving the sign bit: Triton lowers
+    negation as 0 - x, which turns -(+0.0) into +0.0 and would drop the sign of zero codes."""
+    return f32_from_bits(bits_of(mag_f32) | (bits_of(v_f32) & jnp.int32(_SIGN)))
+
+
+def flip_sign(x_f32, neg):
+    """-x where neg (bool), by flipping the sign bit (exact for zeros too, unlike 0 - x)."""
+    return f32_from_bits(bits_of(x_f32) ^ (neg.astype(jnp.int32) << 31))
+
+
+# ----------------------------------------------------------------------------- decoders
+
+
+def decode_e2m1(c):
+    """E2M1 code (low nibble of uint8) -> float32. Codes v = c & 7 >= 2 carry (exponent, mantissa)
+    straight into the fp32 exponent and top mantissa bit (bias 1 -> 127); v in {0, 1} is 0 or 0.5."""
+    ci = c.astype(jnp.int32)
+    v = ci & 7
+    mag = jnp.where(v < 2, v.astype(jnp.float32) * 0.5, f32_from_bits((v + 252) << 22))
+    return _with_sign(mag, (ci & 8) << 28)
+
+
+def decode_e4m3(c):
+    """E4M3 (fn: no infinities, S.1111.111 is NaN) byte -> float32; bias 7, subnormals m * 2^-9."""
+    ci = c.astype(jnp.int32)
+    mag7 = ci & 0x7F
+    sub = (ci & 7).astype(jnp.float32) * np.float32(2.0**-9)
+    mag = jnp.where((mag7 >> 3) == 0, sub, f32_from_bits((mag7 << 20) + (120 << 23)))
+    mag = jnp.where(mag7 == 0x7F, jnp.float32(jnp.nan), mag)
+    return _with_sign(mag, (ci & 0x80) << 24)
+
+
+def decode_e5m2(c):
+    """E5M2 byte -> float32; bias 15, subnormals m * 2^-16, exponent 31 is inf (m = 0) or NaN."""
+    ci = c.astype(jnp.int32)
+    mag7 = ci & 0x7F
+    sub = (ci & 3).astype(jnp.float32) * np.float32(2.0**-16)
+    e = mag7 >> 2
+    mag = jnp.where(e == 0, sub, f32_from_bits((mag7 << 21) + (112 << 23)))
+    special = jnp.where((ci & 3) == 0, jnp.float32(jnp.inf), jnp.float32(jnp.nan))
+    mag = jnp.where(e == 31, special, mag)
+    return _with_sign(mag, (ci & 0x80) << 24)
+
+
+def decode_e8m0(c):
+    """E8M0 byte -> 2^(c - 127) as float32; 0 is the subnormal 2^-127 (CPU backends may flush it to
+    zero, as qtensor.decode does there), 255 is NaN."""
+    ci = c.astype(jnp.int32)
+    val = jnp.where(ci == 0, jnp.float32(2.0**-127), f32_from_bits(ci << 23))
+    return jnp.where(ci == 255, jnp.float32(jnp.nan), val)
+
+
+DECODE = {"e2m1": decode_e2m1, "e4m3": decode_e4m3, "e5m2": decode_e5m2, "e8m0": decode_e8m0}
+
+
+# ----------------------------------------------------------------------------- rounding, encoders
+
+
+def round_to_grid(v, elem: str, rounding: str, u=None):
+    """horizon.quant.rounding.round_to_grid with jnp.round replaced by floor + an exact tie test
+    (|v| in ulps is a small non-negative float, so lo, frac and the parity are exact)."""
+    mbits, emin, vmax = GRIDS[elem]
+    mag = jnp.minimum(jnp.abs(v), vmax)
+    e = jnp.maximum(floor_log2(mag), emin)
+    n = mag * pow2(mbits - e)
+    lo = jnp.floor(n)
+    if rounding == "rne":
+        frac = n - lo
+        odd = (lo.astype(jnp.int32) & 1) == 1
+        n = lo + ((frac > 0.5) | ((frac == 0.5) & odd)).astype(jnp.float32)
+    elif rounding == "stochastic":
+        n = lo + (u < (n - lo)).astype(jnp.float32)
+    else:
+        raise AssertionError(rounding)
+    out = jnp.minimum(n * pow2(e - mbits), vmax)
+    return copysign_nonneg(out, v)
+
+
+def e2m1_code_rne(v):
+    """encode(round_to_grid(v, "e2m1", "rne")) in one step: count the round-to-nearest-even
+    decision points 0.25 0.75 1.25 1.75 2.5 3.5 5 below |v| (ties go to the even code: `>` where
+    the lower neighbour is even, `>=` where the upper one is); NaN gives a signed zero code, as
+    the spec's comparisons do."""
+    mag = jnp.abs(v)
+    code = sum(
+        (mag > t if strict else mag >= t).astype(jnp.int32)
+        for t, strict in (
+            (0.25, True),
+            (0.75, False),
+            (1.25, True),
+            (1.75, False),
+            (2.5, True),
+            (3.5, False),
+            (5.0, True),
+        )
+    )
+    return (code | (signbit(v).astype(jnp.int32) << 3)).astype(jnp.uint8)
+
+
+def e2m1_code_sr(v, u):
+    """encode(round_to_grid(v, "e2m1", "stochastic", u)) in fewer steps: E2M1 grid points have
+    consecutive codes, so the code is the code at or below |v| plus one when u < the fractional
+    distance to the next point (which is 0 at the saturated top, 6)."""
+    mag = jnp.minimum(jnp.abs(v), 6.0)
+    e = jnp.maximum(floor_log2(mag), 0)
+    n = mag * pow2(1 - e)
+    up = u < (n - jnp.floor(n))
+    code = sum((mag >= g).astype(jnp.int32) for g in E2M1_MAGNITUDES[1:]) + up.astype(jnp.int32)
+    return (code | (signbit(v).astype(jnp.int32) << 3)).astype(jnp.uint8)
+
+
+def encode(values, elem: str):
+    """uint8 codes of float32 values already on the `elem` grid (sign from the sign bit)."""
+    neg = signbit(values)
+    mag = jnp.abs(values)
+    if elem == "e2m1":
+        code = sum((mag >= g).astype(jnp.int32) for g in E2M1_MAGNITUDES[1:])
+        return (code | (neg.astype(jnp.int32) << 3)).astype(jnp.uint8)
+    mbits, emin, _ = GRIDS[elem]
+    e = floor_log2(mag)
+    sub = (mag * pow2(jnp.int32(mbits - emin))).astype(jnp.int32)
+    normal = (
+        ((e + 1 - emin) << mbits)
+        + (mag * pow2(mbits - jnp.maximum(e, emin))).astype(jnp.int32)
+        - (1 << mbits)
+    )
+    code = jnp.where(e < emin, sub, normal)
+    return (code | (neg.astype(jnp.int32) << 7)).astype(jnp.uint8)
+
+
+def div(x, y, *, exact_asm: bool):
+    """x / y rounded to nearest even. Triton lowers fp32 `/` to the approximate div.full.f32, so
+    on GPU the IEEE division is spelled out in PTX (bit-exactness with the XLA spec needs it)."""
+    if not exact_asm:
+        return x / y
+    x, y = jnp.broadcast_arrays(x, y)
+    [out] = plgpu.elementwise_inline_asm(
+        "div.rn.f32 $0, $1, $2;",
+        args=[x, y],
+        constraints="=r,r,r",
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)],
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------- layout helpers
+
+
+# A [rows, cols] tile is viewed blocked as [rows / br, br, cols / bk, bk] (unit dims dropped), so
+# per-block values broadcast against it with inserted unit axes: no materialized expansion and no
+# layout shuffle of the large tile.
+
+
+def blocked(x, block: tuple[int, int]):
+    """[rows, cols] -> blocked view ([rows, cols/bk, bk] for 1-D blocks, 4-D for 2-D blocks)."""
+    br, bk = block
+    rows, cols = x.shape
+    if br == 1:
+        return x.reshape(rows, cols // bk, bk)
+    return x.reshape(rows // br, br, cols // bk, bk)
+
+
+def unblocked(xb, rows: int, cols: int):
+    return xb.reshape(rows, cols)
+
+
+def per_block(s, block: tuple[int, int]):
+    """Per-block values [rows / br, cols / bk] shaped to broadcast against `blocked(x)`."""
+    return s[:, :, None] if block[0] == 1 else s[:, None, :, None]
+
+
+def block_max(xb, block: tuple[int, int]):
+    """max over each block of a blocked tile -> [rows / br, cols / bk]."""
+    if block[0] == 1:
+        return jnp.max(xb, axis=2)
+    return jnp.max(jnp.max(xb, axis=3), axis=1)

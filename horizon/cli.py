@@ -1,4 +1,4 @@
-"""The `horizon` command: list | run | data build.
+"""The `horizon` command: list | run | data build | eval.
 
 `horizon run NAME [overrides]` and `python -m experiments.NAME [overrides]` are the same thing:
 tyro parses overrides of the experiment's CONFIG (`--train.steps 200 --model.d-model 256
@@ -90,6 +90,8 @@ commands:
   run NAME [overrides]         run an experiment (overrides: --train.steps 200, --run-dir DIR, ...; NAME --help lists them)
   data build [--source DIR] --out PATH [--overwrite]
                                build a token store from text files (default: this Python's stdlib)
+  eval RUN_DIR --task NAME --lengths 512,1024 [...]
+                               a long-context task or the loss-by-position curve on a saved run (eval --help)
 """
 
 
@@ -121,7 +123,14 @@ def _cmd_data(argv):
     print(f"wrote {store.path}: {store.manifest['n_docs']} documents, {store.manifest['n_tokens']} tokens")
 
 
-COMMANDS = {"list": _cmd_list, "run": _cmd_run, "data": _cmd_data}
+def _cmd_eval(argv):
+    from horizon.eval.cli import main as eval_main
+
+    eval_main(argv)
+
+
+COMMANDS = {"list": _cmd_list, "run": _cmd_run, "data": _cmd_data, "eval": _cmd_eval,
+            "aot": lambda argv: importlib.import_module("horizon.train.aot").main(argv)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -32,12 +32,38 @@ class Attention:
     window: int = 0  # sliding window in tokens (policies that use one)
     n_sinks: int = 0  # attention-sink tokens (StreamingLLM)
     softcap: float = 0.0  # logit soft-cap, 0 = off
-    implementation: str | None = None  # None picks the best available kernel path
+    implementation: str | None = None  # None: pallas on GPU, xla (gathers live blocks) on CPU
+    options: str = ""  # further policy arguments, "budget=8,stride=4" (see horizon.attention.policies)
 
     def __post_init__(self):
+        from horizon.attention.policies import POLICIES  # the policy names live with the policies
+
+        if self.policy not in POLICIES:
+            raise ConfigError(f"model.attention.policy: unknown policy {self.policy!r}; "
+                              f"choose one of {', '.join(sorted(POLICIES))}")
+        _ = self.policy_options  # validates the syntax
         _require(self.block >= 1, "model.attention.block", f"{self.block} must be >= 1")
         _require(self.window >= 0, "model.attention.window", f"{self.window} must be >= 0")
         _require(self.n_sinks >= 0, "model.attention.n_sinks", f"{self.n_sinks} must be >= 0")
+
+    @property
+    def policy_options(self) -> dict:
+        """`options` parsed: "budget=8,stride=4" -> {"budget": 8, "stride": 4} (ints, floats, words)."""
+        out = {}
+        for item in filter(None, (p.strip() for p in self.options.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"model.attention.options: {item!r} is not key=value; "
+                                  "write e.g. 'budget=8,stride=4'")
+            value = value.strip()
+            for conv in (int, float):
+                try:
+                    value = conv(value)
+                    break
+                except ValueError:
+                    pass
+            out[key.strip()] = value
+        return out
 
 
 @frozen
@@ -72,9 +98,72 @@ class Quant:
     high_precision_scope: Literal["fprop", "all"] = "fprop"
 
     def __post_init__(self):
+        from horizon.quant.recipe import PRESETS  # the recipe names live with the recipes
+
+        if self.recipe not in PRESETS:
+            raise ConfigError(f"model.quant.recipe: unknown recipe {self.recipe!r}; presets: {', '.join(PRESETS)}")
         if self.high_precision_from is not None:
             _require(0.0 <= self.high_precision_from <= 1.0, "model.quant.high_precision_from",
                      f"{self.high_precision_from} must be in [0, 1]")
+
+
+ROPE_SCALINGS = ("none", "linear", "ntk", "dynamic_ntk", "yarn")
+
+
+@frozen
+class Rope:
+    """RoPE frequency scaling for context extension (horizon.attention.rope): position
+    interpolation, NTK-aware, dynamic NTK, YaRN. The base theta is `Model.rope_theta` (raise it for
+    ProLong-style large-theta training)."""
+
+    scaling: Literal["none", "linear", "ntk", "dynamic_ntk", "yarn"] = "none"
+    factor: float = 1.0  # s = extended length / original length (linear, ntk, yarn)
+    original_length: int = 0  # L: the length the model was trained at (needed by yarn, dynamic_ntk)
+    yarn_alpha: float = 1.0  # YaRN ramp: dims turning fewer than alpha times in L are interpolated
+    yarn_beta: float = 32.0  # YaRN ramp: dims turning more than beta times in L are left unchanged
+
+    def __post_init__(self):
+        _require(self.scaling in ROPE_SCALINGS, "model.rope.scaling",
+                 f"{self.scaling!r} is unknown; choose one of {', '.join(ROPE_SCALINGS)}")
+        _require(self.factor >= 1.0, "model.rope.factor",
+                 f"{self.factor} is below 1, which would shrink the context; set it to "
+                 "extended length / trained length (>= 1), or 1 for no scaling")
+        _require(self.original_length >= 0, "model.rope.original_length", f"{self.original_length} must be >= 0")
+        if self.scaling in ("yarn", "dynamic_ntk"):
+            _require(self.original_length >= 1, "model.rope.original_length",
+                     f"{self.scaling} needs the trained length; set model.rope.original_length to it "
+                     "(the training data.seq_len)")
+        _require(0 < self.yarn_alpha < self.yarn_beta, "model.rope.yarn_alpha",
+                 f"need 0 < yarn_alpha ({self.yarn_alpha}) < yarn_beta ({self.yarn_beta})")
+
+
+OBJECTIVE_MTP = ("none", "parallel", "sequential")
+
+
+@frozen
+class Objective:
+    """Training objective on top of next-token prediction (horizon.models.heads): multi-token
+    prediction, parallel heads (Gloeckle et al., 2024) or sequential modules (DeepSeek-V3, 2024),
+    and horizon-length prediction on fill-in-the-middle samples (Ding et al., 2024).
+
+    loss = next-token + mtp_weight * mean over the mtp_depth extra tokens + hlp_weight * HLP."""
+
+    mtp: Literal["none", "parallel", "sequential"] = "none"
+    mtp_depth: int = 1  # extra tokens predicted beyond the next one (heads or modules)
+    mtp_weight: float = 1.0
+    hlp_weight: float = 0.0  # 0 = off; > 0 needs data.fim_rate > 0
+
+    def __post_init__(self):
+        _require(self.mtp in OBJECTIVE_MTP, "model.objective.mtp",
+                 f"{self.mtp!r} is unknown; choose one of {', '.join(OBJECTIVE_MTP)}")
+        _require(self.mtp_depth >= 1, "model.objective.mtp_depth", f"{self.mtp_depth} must be >= 1")
+        _require(self.mtp_weight >= 0, "model.objective.mtp_weight", f"{self.mtp_weight} must be >= 0")
+        _require(self.hlp_weight >= 0, "model.objective.hlp_weight", f"{self.hlp_weight} must be >= 0")
+
+    @property
+    def is_next_token(self) -> bool:
+        """True when the loss is plain next-token cross-entropy."""
+        return self.mtp == "none" and self.hlp_weight == 0
 
 
 @frozen
@@ -86,7 +175,7 @@ class Model:
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int | None = None  # None: as many as n_heads (multi-head); fewer: grouped-query
-    mlp_ratio: float = 8 / 3  # SwiGLU hidden width = round_up(mlp_ratio * d_model, 8)
+    mlp_ratio: float = 8 / 3  # SwiGLU hidden width = round_up(mlp_ratio * d_model, 32)
     layer_pattern: str = "attn"  # comma-separated mixers, repeated cyclically over n_layers
     tie_embeddings: bool = True
     rope_theta: float = 10_000.0
@@ -96,6 +185,8 @@ class Model:
     attention: Attention = Attention()
     ssm: SSM = SSM()
     quant: Quant = Quant()
+    rope: Rope = Rope()
+    objective: Objective = Objective()
 
     def __post_init__(self):
         _require(self.vocab_size >= 2, "model.vocab_size", f"{self.vocab_size} must be >= 2")
@@ -131,7 +222,21 @@ class Model:
 
     @property
     def d_ff(self) -> int:
-        return int(math.ceil(self.mlp_ratio * self.d_model / 8) * 8)
+        # A multiple of 32 so every block-scaled format (16- and 32-element blocks) tiles it.
+        return int(math.ceil(self.mlp_ratio * self.d_model / 32) * 32)
+
+
+@frozen
+class Pose:
+    """Positional skip-wise training (PoSE; Zhu et al., 2023): a window of data.seq_len tokens split
+    into `chunks` whose position ids skip ahead at random to cover [0, target_length)."""
+
+    target_length: int = 0  # 0 = off
+    chunks: int = 2
+
+    def __post_init__(self):
+        _require(self.target_length >= 0, "data.pose.target_length", f"{self.target_length} must be >= 0")
+        _require(self.chunks >= 1, "data.pose.chunks", f"{self.chunks} must be >= 1")
 
 
 @frozen
@@ -143,12 +248,21 @@ class Data:
     batch_size: int = 16
     heldout_fraction: float = 0.05  # fraction of documents held out for evaluation
     pack_documents: bool = True  # windows may span documents, separated by segment ids
+    pose: Pose = Pose()
+    fim_rate: float = 0.0  # fraction of document pieces turned into fill-in-the-middle samples
 
     def __post_init__(self):
         _require(self.seq_len >= 1, "data.seq_len", f"{self.seq_len} must be >= 1")
         _require(self.batch_size >= 1, "data.batch_size", f"{self.batch_size} must be >= 1")
         _require(0.0 < self.heldout_fraction < 1.0, "data.heldout_fraction",
                  f"{self.heldout_fraction} must be in (0, 1)")
+        if self.pose.target_length:
+            _require(self.pose.target_length >= self.seq_len, "data.pose.target_length",
+                     f"{self.pose.target_length} is shorter than the window data.seq_len {self.seq_len}; set "
+                     "data.pose.target_length >= data.seq_len (or 0 to turn PoSE off)")
+            _require(self.pose.chunks <= self.seq_len, "data.pose.chunks",
+                     f"{self.pose.chunks} chunks do not fit in data.seq_len {self.seq_len}")
+        _require(0.0 <= self.fim_rate <= 1.0, "data.fim_rate", f"{self.fim_rate} must be in [0, 1]")
 
 
 @frozen
@@ -226,6 +340,35 @@ class Mesh:
 
 
 @frozen
+class Distributed:
+    """Multi-process start-up (jax.distributed.initialize), one process per host or per device.
+
+    mode "auto": initialize when these fields, HORIZON_COORDINATOR_ADDRESS / HORIZON_NUM_PROCESSES /
+    HORIZON_PROCESS_ID, SLURM (srun, more than one task) or Open MPI (mpirun, more than one rank)
+    describe more than one process; otherwise run as one process. "off": never initialize.
+    """
+
+    mode: Literal["auto", "off"] = "auto"
+    coordinator_address: str | None = None  # host:port of process 0 (explicit launch)
+    num_processes: int | None = None
+    process_id: int | None = None
+    local_device_ids: tuple[int, ...] | None = None  # None: every local device (one process per host)
+    initialization_timeout: int = 300  # seconds to wait for all processes
+
+    def __post_init__(self):
+        if self.coordinator_address is not None:
+            _require(self.num_processes is not None and self.process_id is not None, "distributed",
+                     "coordinator_address needs num_processes and process_id as well")
+        if self.num_processes is not None:
+            _require(self.num_processes >= 1, "distributed.num_processes", f"{self.num_processes} must be >= 1")
+            if self.process_id is not None:
+                _require(0 <= self.process_id < self.num_processes, "distributed.process_id",
+                         f"{self.process_id} must be in [0, num_processes={self.num_processes})")
+        _require(self.initialization_timeout >= 1, "distributed.initialization_timeout",
+                 f"{self.initialization_timeout} must be >= 1")
+
+
+@frozen
 class Experiment:
     """Everything one run needs. `name` and `claim` describe it in `horizon list` and report.md."""
 
@@ -236,6 +379,7 @@ class Experiment:
     optim: Optim = Optim()
     train: Train = Train()
     mesh: Mesh = Mesh()
+    distributed: Distributed = Distributed()
     run_dir: str | None = None  # None: runs/<name>/<timestamp>; an existing run dir resumes
 
     def __post_init__(self):
@@ -244,6 +388,10 @@ class Experiment:
             _require(self.data.seq_len % self.model.attention.block == 0, "data.seq_len",
                      f"{self.data.seq_len} is not a multiple of model.attention.block "
                      f"{self.model.attention.block}; pick a multiple or a smaller block")
+        if self.model.objective.hlp_weight > 0:
+            _require(self.data.fim_rate > 0, "model.objective.hlp_weight",
+                     "horizon-length prediction trains on fill-in-the-middle samples; set data.fim_rate > 0 "
+                     "(e.g. 0.5) or model.objective.hlp_weight 0")
 
 
 def to_dict(cfg) -> dict:

@@ -8,17 +8,20 @@ import pathlib
 from horizon.errors import CheckpointError
 
 
-def load(path):
-    """(model, experiment_config) from a run directory (or its checkpoints/ folder), latest checkpoint."""
+def load(path, *, mesh=None, devices=None):
+    """(model, experiment_config) from a run directory (or its checkpoints/ folder), latest checkpoint.
+
+    Only the parameters are read. By default they land on one device; `mesh` (a horizon.config.Mesh)
+    and `devices` (default: all) restore them sharded by the logical rules on that mesh, whatever
+    mesh wrote the checkpoint. CheckpointError if there is no checkpoint or it does not fit.
+    """
     import jax
     from flax import nnx
 
-    from horizon.config import Experiment, from_dict
+    from horizon.config import Experiment, Mesh, from_dict
+    from horizon.models.lm import LM
     from horizon.train.checkpoint import Checkpointer
-    from horizon.train.loop import build_model, state_shardings
-    from horizon.train.optim import make_optimizer
-    from horizon.train.sharding import make_mesh
-    from horizon.train.state import init_state
+    from horizon.train.sharding import make_mesh, rules, state_shardings
 
     run_dir = pathlib.Path(path)
     if run_dir.name == "checkpoints":
@@ -26,16 +29,23 @@ def load(path):
     if not (run_dir / "config.json").exists():
         raise CheckpointError(f"{run_dir} has no config.json; pass a run directory written by horizon")
     cfg = from_dict(Experiment, json.loads((run_dir / "config.json").read_text()))
-    mesh = make_mesh(cfg.mesh.__class__(data=-1), jax.devices()[:1])
-    with jax.set_mesh(mesh):
-        graphdef, params, psh = build_model(cfg, mesh)
-        opt = make_optimizer(cfg.optim, cfg.train.steps)
-        abstract = jax.eval_shape(lambda p: init_state(p, opt), params)
-        sh = state_shardings(opt, params, psh, mesh)
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, sh)
+    if mesh is None:
+        mesh, devices = Mesh(data=-1), jax.devices()[:1] if devices is None else devices
+    jmesh = make_mesh(mesh, devices)
+    with jax.set_mesh(jmesh):
+        with rules():
+            abstract = nnx.eval_shape(lambda: LM(cfg.model, rngs=nnx.Rngs(0)))
+        graphdef, abs_state = nnx.split(abstract)
+        shardings = nnx.to_pure_dict(state_shardings(abs_state, jmesh))
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              nnx.to_pure_dict(abs_state), shardings)
+        if not (run_dir / "checkpoints").is_dir():
+            raise CheckpointError(f"{run_dir / 'checkpoints'} holds no checkpoint; train first")
         ckpt = Checkpointer(run_dir / "checkpoints")
-        state = ckpt.restore_latest(abstract)
-        ckpt.close()
-    if state is None:
+        try:
+            params = ckpt.restore_params(target)
+        finally:
+            ckpt.close()
+    if params is None:
         raise CheckpointError(f"{run_dir / 'checkpoints'} holds no checkpoint; train first")
-    return nnx.merge(graphdef, state.params), cfg
+    return nnx.merge(graphdef, params), cfg

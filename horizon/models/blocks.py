@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from horizon.attention.attend import attend
-from horizon.attention.rope import apply_rope, inverse_frequencies
+from horizon.attention.rope import apply_rope, rope_for_positions
 from horizon.config import Model
 from horizon.layers.linear import Linear
 from horizon.layers.mlp import SwiGLU
@@ -25,12 +25,25 @@ def compute_dtype(cfg: Model):
 
 
 def linear_recipe(cfg: Model, *, layer_index: int, path: str):
-    """The quantization treatment of the linear layer at `path` in block `layer_index` (None: high precision)."""
+    """The quantization treatment of the linear layer at `path` ("layers/3/attn/q") in block
+    `layer_index`: a horizon.quant LinearRecipe, or None for high precision.
+
+    With `quant.high_precision_from` set, the model is built twice (horizon.train.loop): with the
+    configured fraction (early phase) and with 0.0 (the late, high-precision phase, NVFP4 paper
+    app. D), so the recipe is resolved at a fixed (step 0 of 1).
+    """
     if cfg.quant.recipe == "bf16":
         return None
+    import dataclasses
+
     from horizon.quant.recipe import get_recipe, resolve
 
-    return resolve(get_recipe(cfg.quant.recipe), layer_index=layer_index, n_layers=cfg.n_layers, path=path)
+    recipe = get_recipe(cfg.quant.recipe)
+    if cfg.quant.high_precision_from is None:
+        return resolve(recipe, layer_index=layer_index, n_layers=cfg.n_layers, path=path)
+    recipe = dataclasses.replace(recipe, high_precision_from=cfg.quant.high_precision_from,
+                                 high_precision_scope=cfg.quant.high_precision_scope)
+    return resolve(recipe, layer_index=layer_index, n_layers=cfg.n_layers, path=path, step=0, total_steps=1)
 
 
 class AttentionMixer(nnx.Module):
@@ -42,7 +55,7 @@ class AttentionMixer(nnx.Module):
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5  # GPT-2 style residual scaling
 
         def lin(d_in, d_out, axes, name, std, gid):
-            recipe = linear_recipe(cfg, layer_index=layer_index, path=f"layers.{layer_index}.attn.{name}")
+            recipe = linear_recipe(cfg, layer_index=layer_index, path=f"layers/{layer_index}/attn/{name}")
             return Linear(d_in, d_out, axes=axes, std=std, rngs=rngs, recipe=recipe,
                           gemm_id=layer_index * 16 + gid, compute_dtype=dt)
 
@@ -57,13 +70,15 @@ class AttentionMixer(nnx.Module):
         cfg = self.cfg
         B, T, _ = x_BTM.shape
         H, G, D = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        inv_freq = inverse_frequencies(D, cfg.rope_theta)
-        q_BTHD = apply_rope(self.q(x_BTM, quant_key=quant_key).reshape(B, T, H, D), positions_BT, inv_freq)
-        k_BTGD = apply_rope(self.k(x_BTM, quant_key=quant_key).reshape(B, T, G, D), positions_BT, inv_freq)
+        # cfg.rope scaling "none" gives inverse_frequencies(D, theta) and scale 1 (plain RoPE)
+        inv_freq, scale = rope_for_positions(D, cfg.rope_theta, cfg.rope, positions_BT)
+        q_BTHD = apply_rope(self.q(x_BTM, quant_key=quant_key).reshape(B, T, H, D), positions_BT, inv_freq, scale)
+        k_BTGD = apply_rope(self.k(x_BTM, quant_key=quant_key).reshape(B, T, G, D), positions_BT, inv_freq, scale)
         v_BTGD = self.v(x_BTM, quant_key=quant_key).reshape(B, T, G, D)
         q_BTHD = constrain(q_BTHD, ("batch", "length", "heads", "head_dim"))
-        out_BTHD = attend(q_BTHD, k_BTGD, v_BTGD, segment_ids_q=segment_ids_BT, segment_ids_k=segment_ids_BT,
-                          cfg=cfg.attention, layer_index=self.layer_index)
+        out_BTHD = attend(q_BTHD, k_BTGD, v_BTGD, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT,
+                          cfg=cfg.attention, layer_index=self.layer_index, n_layers=cfg.n_layers,
+                          rope_inv_freq=inv_freq)
         return self.o(out_BTHD.reshape(B, T, H * D), quant_key=quant_key)
 
 
@@ -85,7 +100,7 @@ class Block(nnx.Module):
         self.norm1 = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
         self.mixer = MIXER_CLASSES[mixer_name]()(cfg, layer_index=layer_index, rngs=rngs)
         self.norm2 = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
-        recipes = tuple(linear_recipe(cfg, layer_index=layer_index, path=f"layers.{layer_index}.mlp.{n}")
+        recipes = tuple(linear_recipe(cfg, layer_index=layer_index, path=f"layers/{layer_index}/mlp/{n}")
                         for n in ("gate", "up", "down"))
         self.mlp = SwiGLU(cfg.d_model, cfg.d_ff, std=cfg.init_std, rngs=rngs, recipes=recipes,
                           gemm_base=layer_index * 16 + 8, compute_dtype=compute_dtype(cfg))

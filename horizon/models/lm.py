@@ -11,6 +11,7 @@ from horizon.layers.embed import Embed
 from horizon.layers.linear import Linear
 from horizon.layers.norm import RMSNorm
 from horizon.models.blocks import Block, compute_dtype
+from horizon.models.heads import MTP_CLASSES, HLPHead
 from horizon.train.sharding import constrain
 
 
@@ -25,9 +26,19 @@ class LM(nnx.Module):
         self.head = None if cfg.tie_embeddings else Linear(
             cfg.d_model, cfg.vocab_size, axes=("embed", "vocab"), std=cfg.init_std, rngs=rngs,
             compute_dtype=jnp.float32)
+        # Auxiliary objective heads (created last so the main parameters draw the same init).
+        if cfg.objective.mtp != "none":
+            self.mtp = MTP_CLASSES[cfg.objective.mtp](cfg, rngs=rngs)
+        if cfg.objective.hlp_weight > 0:
+            self.hlp = HLPHead(cfg, rngs=rngs)
 
     def hidden(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None, quant_key=None) -> jax.Array:
         """Final-norm hidden states [B, T, M] (what output heads read)."""
+        return self.final_norm(self.trunk(tokens_BT, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT,
+                                          quant_key=quant_key))
+
+    def trunk(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None, quant_key=None) -> jax.Array:
+        """Residual stream after the last block, before the final norm, [B, T, M] (what MTP heads read)."""
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -36,7 +47,7 @@ class LM(nnx.Module):
         x_BTM = constrain(self.embed(tokens_BT), ("batch", "length", "embed"))
         for block in self.layers:
             x_BTM = block(x_BTM, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, quant_key=quant_key)
-        return self.final_norm(x_BTM)
+        return x_BTM
 
     def logits(self, h_BTM: jax.Array) -> jax.Array:
         if self.head is None:
@@ -50,3 +61,17 @@ class LM(nnx.Module):
 
 def count_params(model: nnx.Module) -> int:
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def with_config(model: LM, cfg: Model) -> LM:
+    """`model`'s parameters under another model config with the same parameter structure (e.g. a
+    RoPE scaling or attention policy changed for evaluation); ConfigError if the structure differs."""
+    from horizon.errors import ConfigError
+
+    _, state = nnx.split(model)
+    new_graphdef, new_abstract = nnx.split(nnx.eval_shape(lambda: LM(cfg, rngs=nnx.Rngs(0))))
+    shapes = lambda s: jax.tree.map(lambda x: (x.shape, x.dtype), nnx.to_pure_dict(s))
+    if shapes(state) != shapes(new_abstract):
+        raise ConfigError("with_config: the new model config changes the parameters; change only settings "
+                          "such as model.rope or model.attention that keep them")
+    return nnx.merge(new_graphdef, state)

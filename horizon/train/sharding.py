@@ -7,6 +7,7 @@ with `constrain(x, names)`. Mesh axes: data, fsdp, tensor, context.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import jax
 from flax import nnx
@@ -77,3 +78,35 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     if mesh is None or mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
+
+
+def batch_shards(mesh) -> int:
+    """How many ways the batch axis is split on `mesh` (the product of its `batch` mesh axes)."""
+    spec = logical_to_spec(("batch",))[0]
+    axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+    return math.prod(mesh.shape[a] for a in axes if a in mesh.shape)
+
+
+def check_fits(cfg, mesh) -> None:
+    """ConfigError unless the experiment's batch and sequence split evenly over `mesh`."""
+    from horizon.errors import ConfigError
+
+    b = batch_shards(mesh)
+    if cfg.data.batch_size % b:
+        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is not a multiple of the {b} batch shards "
+                          f"(mesh data x fsdp); pick a multiple of {b} or change the mesh")
+    c = mesh.shape.get("context", 1)
+    if cfg.data.seq_len % c:
+        raise ConfigError(f"mesh.context: {c} does not divide data.seq_len {cfg.data.seq_len}; pick a "
+                          f"context size that divides it, or a data.seq_len that is a multiple of {c}")
+
+
+def shard_shape(shape: tuple[int, ...], spec: PartitionSpec, mesh) -> tuple[int, ...]:
+    """Per-device shape of an array of `shape` laid out by `spec` on `mesh` (ceil for uneven splits)."""
+    out = []
+    for i, n in enumerate(shape):
+        entry = spec[i] if i < len(spec) else None
+        axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        ways = math.prod(mesh.shape[a] for a in axes)
+        out.append(-(-n // ways))
+    return tuple(out)

@@ -12,7 +12,7 @@ import optax
 from flax import nnx
 
 from horizon.config import Experiment
-from horizon.models.heads import next_token_loss
+from horizon.models.heads import next_token_loss, objective_loss
 from horizon.train.state import TrainState
 
 
@@ -21,9 +21,14 @@ def quant_key(seed: int, step: jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.PRNGKey(seed), step)
 
 
-def make_loss_fn(graphdef):
+def make_loss_fn(graphdef, *, objective: bool = True):
+    """loss(params, batch, key): the model config's objective (horizon.models.heads.objective_loss)
+    when it adds MTP or HLP terms and `objective` is set, else next-token cross-entropy."""
+
     def loss_fn(params, batch, key):
         model = nnx.merge(graphdef, params)
+        if objective and not model.cfg.objective.is_next_token:
+            return objective_loss(model, batch, key)
         logits = model(batch["inputs"], positions_BT=batch["positions"], segment_ids_BT=batch["segment_ids"],
                        quant_key=key)
         return next_token_loss(logits, batch["targets"], batch["weights"])
@@ -59,7 +64,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Expe
 
 
 def make_eval_step(graphdef):
-    loss_fn = make_loss_fn(graphdef)
+    # Held-out loss is next-token cross-entropy whatever the training objective, so runs compare.
+    loss_fn = make_loss_fn(graphdef, objective=False)
 
     def eval_step(params, batch):
         return loss_fn(params, batch, None)

@@ -8,7 +8,7 @@ import numpy as np
 from flax import nnx
 
 from horizon.attention.attend import attend
-from horizon.config import Attention, Model
+from horizon.config import SSM, Attention, Model
 from horizon.models.heads import token_cross_entropy
 from horizon.models.lm import LM
 
@@ -89,9 +89,24 @@ def test_attend_matches_numpy_reference_with_documents():
     k = rng.normal(size=(2, 10, 2, 8)).astype(np.float32)
     v = rng.normal(size=(2, 10, 2, 8)).astype(np.float32)
     seg = np.array([[0] * 4 + [1] * 6, [0] * 7 + [1] * 3], np.int32)
-    out = attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), segment_ids_q=jnp.asarray(seg),
-                 segment_ids_k=jnp.asarray(seg), cfg=Attention())
-    np.testing.assert_allclose(np.asarray(out), _reference_attention(q, k, v, seg), rtol=1e-5, atol=1e-5)
+    pos = np.concatenate([np.arange(4), np.arange(6)])[None].repeat(2, 0)
+    pos[1] = np.concatenate([np.arange(7), np.arange(3)])
+    for impl in ("xla", "reference"):
+        out = attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), positions_BT=jnp.asarray(pos),
+                     segment_ids_BT=jnp.asarray(seg), cfg=Attention(block=4, implementation=impl))
+        np.testing.assert_allclose(np.asarray(out), _reference_attention(q, k, v, seg), rtol=1e-5, atol=1e-5)
+
+
+def test_attend_dense_equals_jax_dot_product_attention():
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.normal(size=(2, 24, 4, 8)).astype(np.float32) for _ in range(3))
+    pos = np.arange(24)[None].repeat(2, 0)
+    out = attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), positions_BT=jnp.asarray(pos),
+                 segment_ids_BT=jnp.zeros((2, 24), jnp.int32), cfg=Attention(block=8))
+    expected = jax.nn.dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), is_causal=True)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
 
 
 def test_documents_do_not_see_each_other():
@@ -106,3 +121,24 @@ def test_documents_do_not_see_each_other():
     # and a document starting mid-window equals the same document alone at positions 0..
     alone = model(tokens[:, 6:])
     np.testing.assert_allclose(np.asarray(a[0, 6:]), np.asarray(alone[0]), rtol=1e-5, atol=1e-5)
+
+
+class HybridCausalityTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_hybrid_ssd_attention_model_is_causal(self):
+        cfg = Model(d_model=32, n_layers=3, n_heads=4, vocab_size=64, layer_pattern="ssd,ssd,attn",
+                    ssm=SSM(state_size=8, head_dim=8, chunk=4))
+        model = LM(cfg, rngs=nnx.Rngs(0))
+        assert [b.mixer_name for b in model.layers] == ["ssd", "ssd", "attn"]
+        graphdef, params = nnx.split(model)
+        T, t = 13, 6
+
+        def per_token_loss(params, tokens):
+            return token_cross_entropy(nnx.merge(graphdef, params)(tokens[:, :-1]), tokens[:, 1:])
+
+        f = self.variant(per_token_loss)
+        tokens = jax.random.randint(jax.random.PRNGKey(5), (2, T + 1), 0, 64)
+        changed = tokens.at[:, t + 2:].set((tokens[:, t + 2:] + 11) % 64)
+        a, b = f(params, tokens), f(params, changed)
+        np.testing.assert_array_equal(np.asarray(a[:, : t + 1]), np.asarray(b[:, : t + 1]))
+        assert not np.allclose(np.asarray(a[:, t + 2:]), np.asarray(b[:, t + 2:]))

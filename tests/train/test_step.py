@@ -41,9 +41,11 @@ def _run(cfg, devices, batches, n):
     return jax.device_get(state), losses
 
 
-def test_sharded_step_on_8_devices_matches_single_device(tiny):
+@pytest.mark.parametrize("mesh8", [Mesh(data=2, fsdp=2, tensor=2), Mesh(data=2, tensor=2, context=2)],
+                         ids=["data-fsdp-tensor", "data-tensor-context"])
+def test_sharded_step_on_8_devices_matches_single_device(tiny, mesh8):
     assert len(jax.devices()) == 8
-    cfg8 = tiny(mesh=Mesh(data=2, fsdp=2, tensor=2))
+    cfg8 = tiny(mesh=mesh8)
     cfg1 = tiny(mesh=Mesh(data=1))
     batches = Batches(load_store(None), cfg8.data, split="train", seed=0)
     s8, l8 = _run(cfg8, jax.devices(), batches, 3)

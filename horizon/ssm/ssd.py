@@ -1,0 +1,266 @@
+"""The Mamba-2 mixer (Dao & Gu, "Transformers are SSMs", 2024): input projection to z, x, B, C, dt;
+short causal depthwise convolution on x, B, C; the SSD scan (kernels.ssd); gated RMSNorm; output
+projection. Segment ids reset both the convolution window and the SSM state at document
+boundaries. Decoding carries a constant-size cache (conv windows + SSM state).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from horizon.config import Model
+from horizon.errors import ConfigError, ShapeError
+from horizon.layers.params import constant, normal, param
+from horizon.ssm.longmamba import SOW_NAME, LongMambaLayer, filter_dt
+from horizon.train.sharding import constrain
+from kernels.ssd import ssd
+from kernels.ssd.reference import segment_resets
+
+_F32 = jnp.float32
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class Mamba2Cache(NamedTuple):
+    """Decoding state of one mixer; its size does not grow with the sequence."""
+
+    conv_x: jax.Array  # [B, W-1, inner]: the last conv inputs (compute dtype)
+    conv_B: jax.Array  # [B, W-1, G*N]
+    conv_C: jax.Array  # [B, W-1, G*N]
+    ssm: jax.Array  # [B, H, P, N] float32
+    length: jax.Array  # [] int32: tokens consumed so far (LongMamba's threshold depends on it)
+
+
+def _uniform(bound: float):
+    def init(key, shape, dtype=_F32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return init
+
+
+def _dt_bias_init(dt_min: float, dt_max: float, floor: float = 1e-4):
+    """softplus^{-1} of dt drawn log-uniformly in [dt_min, dt_max] (Mamba-2's initialisation)."""
+    def init(key, shape, dtype=_F32):
+        u = jax.random.uniform(key, shape, _F32)
+        dt = jnp.maximum(jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)), floor)
+        return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+    return init
+
+
+def _a_log_init(lo: float, hi: float):
+    """A = -exp(A_log) with -A uniform in [lo, hi]."""
+    def init(key, shape, dtype=_F32):
+        return jnp.log(jax.random.uniform(key, shape, _F32, lo, hi)).astype(dtype)
+    return init
+
+
+def document_ids(segment_ids_BT: jax.Array | None) -> jax.Array | None:
+    """Document index per token, 0 for the first document of the row (the one a cache flows into)."""
+    if segment_ids_BT is None:
+        return None
+    batch, T = segment_ids_BT.shape
+    return jnp.cumsum(segment_resets(segment_ids_BT, T, batch).astype(jnp.int32), axis=1)
+
+
+def causal_conv(u_BTC, w_WC, b_C, doc_BT, state_BKC):
+    """Depthwise causal conv: out_t = b + sum_j w[j] u_{t-(W-1)+j}, inputs before t from `state`
+    (K = W-1 earlier inputs). Terms from another document are dropped (the state counts as the
+    first document). Returns (out [B, T, C], next state [B, K, C], earlier documents zeroed)."""
+    W = w_WC.shape[0]
+    T = u_BTC.shape[1]
+    padded_BSC = jnp.concatenate([state_BKC.astype(u_BTC.dtype), u_BTC], axis=1)
+    if doc_BT is not None:
+        doc_pad_BS = jnp.concatenate([jnp.zeros((doc_BT.shape[0], W - 1), doc_BT.dtype), doc_BT], axis=1)
+    out_BTC = jnp.broadcast_to(b_C.astype(_F32), u_BTC.shape)
+    for j in range(W):
+        term = padded_BSC[:, j:j + T].astype(_F32) * w_WC[j].astype(_F32)
+        if doc_BT is not None:
+            term = jnp.where((doc_pad_BS[:, j:j + T] == doc_BT)[..., None], term, 0.0)
+        out_BTC = out_BTC + term
+    state_BKC = padded_BSC[:, T:]
+    if doc_BT is not None:  # the next token continues the last document only
+        keep = doc_pad_BS[:, T:] == doc_BT[:, -1:]
+        state_BKC = jnp.where(keep[..., None], state_BKC, jnp.zeros_like(state_BKC))
+    return out_BTC, state_BKC
+
+
+class Mamba2(nnx.Module):
+    """Mamba-2 mixer. Call: mixer(x_BTM, positions_BT=..., segment_ids_BT=...) -> y_BTM.
+
+    Decoding: cache = mixer.init_cache(B); y_BM, cache = mixer.step(x_BM, cache); or
+    y_BTM, cache = mixer.prefill(x_BTM, cache=...) to consume a prompt (or a piece of a stream).
+    LongMamba: mixer.longmamba (set by horizon.ssm.longmamba.enable) or the `longmamba` argument.
+    implementation: kernels.ssd implementation (None picks the best available)."""
+
+    def __init__(self, cfg: Model, *, layer_index: int, rngs: nnx.Rngs, implementation: str | None = None):
+        s = cfg.ssm
+        M = cfg.d_model
+        inner = s.expand * M
+        if inner % s.head_dim:
+            raise ConfigError(f"model.ssm.head_dim: {s.head_dim} does not divide the inner width "
+                              f"expand * d_model = {inner}; pick a divisor of {inner}")
+        H = inner // s.head_dim
+        if H % s.n_groups:
+            raise ConfigError(f"model.ssm.n_groups: {s.n_groups} does not divide the {H} heads "
+                              f"(inner {inner} / head_dim {s.head_dim}); pick a divisor of {H}")
+        self.d_model, self.inner, self.n_heads = M, inner, H
+        self.head_dim, self.n_groups, self.state_size = s.head_dim, s.n_groups, s.state_size
+        self.conv_width, self.chunk = s.conv_width, s.chunk
+        self.norm_eps = cfg.norm_eps
+        self.compute_dtype = jnp.dtype(cfg.compute_dtype)
+        self.layer_index = layer_index
+        self.implementation = implementation
+        self.longmamba: LongMambaLayer | None = None
+        self.collect_dt = False  # set by longmamba.calibrate: sow dt as an nnx.Intermediate
+
+        GN, W = s.n_groups * s.state_size, s.conv_width
+        std = cfg.init_std
+        self.w_z = param(rngs, normal(std), (M, inner), ("embed", "ssm_inner"))
+        self.w_x = param(rngs, normal(std), (M, inner), ("embed", "ssm_inner"))
+        self.w_B = param(rngs, normal(std), (M, GN), ("embed", None))
+        self.w_C = param(rngs, normal(std), (M, GN), ("embed", None))
+        self.w_dt = param(rngs, normal(std), (M, H), ("embed", "ssm_heads"))
+        # PyTorch's default depthwise Conv1d init (fan_in = W), as in Mamba-2.
+        bound = 1.0 / math.sqrt(W)
+        self.conv_x = param(rngs, _uniform(bound), (W, inner), ("conv", "ssm_inner"))
+        self.conv_x_bias = param(rngs, _uniform(bound), (inner,), ("ssm_inner",))
+        self.conv_B = param(rngs, _uniform(bound), (W, GN), ("conv", None))
+        self.conv_B_bias = param(rngs, _uniform(bound), (GN,), (None,))
+        self.conv_C = param(rngs, _uniform(bound), (W, GN), ("conv", None))
+        self.conv_C_bias = param(rngs, _uniform(bound), (GN,), (None,))
+        self.dt_bias = param(rngs, _dt_bias_init(s.dt_min, s.dt_max), (H,), ("ssm_heads",))
+        self.A_log = param(rngs, _a_log_init(s.a_init_min, s.a_init_max), (H,), ("ssm_heads",))
+        self.D = param(rngs, constant(1.0), (H,), ("ssm_heads",))
+        self.norm = param(rngs, constant(1.0), (inner,), ("norm",))
+        # Residual-branch output scaled by 1/sqrt(2 n_layers) (GPT-2 style, as Mamba's init).
+        self.w_out = param(rngs, normal(std / math.sqrt(2 * cfg.n_layers)), (inner, M), ("ssm_inner", "embed"))
+
+    # --- pieces shared by the parallel form and the recurrent step --------------------------------
+
+    def A_H(self) -> jax.Array:
+        """Per-head decay rates A = -exp(A_log) [H], negative."""
+        return -jnp.exp(self.A_log[...].astype(_F32))
+
+    def _project(self, x_xM):
+        cdt = self.compute_dtype
+        x = x_xM.astype(cdt)
+        return tuple(jnp.einsum("...m,mk->...k", x, w[...].astype(cdt))
+                     for w in (self.w_z, self.w_x, self.w_B, self.w_C, self.w_dt))
+
+    def _dt(self, dt_raw):
+        return jax.nn.softplus(dt_raw.astype(_F32) + self.dt_bias[...].astype(_F32))
+
+    def _gated_norm_out(self, y_xI, z_xI):
+        # RMSNormGated(norm_before_gate=False), grouped by n_groups as in Mamba-2.
+        g = y_xI.astype(_F32) * jax.nn.silu(z_xI.astype(_F32))
+        g = g.reshape(*g.shape[:-1], self.n_groups, self.inner // self.n_groups)
+        g = g * jax.lax.rsqrt(jnp.mean(g * g, axis=-1, keepdims=True) + self.norm_eps)
+        g = g.reshape(*g.shape[:-2], self.inner) * self.norm[...].astype(_F32)
+        cdt = self.compute_dtype
+        return jnp.einsum("...i,im->...m", g.astype(cdt), self.w_out[...].astype(cdt))
+
+    def _longmamba(self, override):
+        return self.longmamba if override is None else override
+
+    # --- public API --------------------------------------------------------------------------------
+
+    def init_cache(self, batch_size: int) -> Mamba2Cache:
+        """Zero decoding state for `batch_size` rows."""
+        K, GN, cdt = self.conv_width - 1, self.n_groups * self.state_size, self.compute_dtype
+        return Mamba2Cache(
+            conv_x=jnp.zeros((batch_size, K, self.inner), cdt),
+            conv_B=jnp.zeros((batch_size, K, GN), cdt),
+            conv_C=jnp.zeros((batch_size, K, GN), cdt),
+            ssm=jnp.zeros((batch_size, self.n_heads, self.head_dim, self.state_size), _F32),
+            length=jnp.zeros((), jnp.int32),
+        )
+
+    def __call__(self, x_BTM, *, positions_BT=None, segment_ids_BT=None,
+                 longmamba: LongMambaLayer | None = None):
+        """y [B, T, M] for x [B, T, M]; positions are unused (the SSM is position-free)."""
+        del positions_BT
+        return self.prefill(x_BTM, segment_ids_BT=segment_ids_BT, longmamba=longmamba)[0]
+
+    def prefill(self, x_BTM, *, segment_ids_BT=None, cache: Mamba2Cache | None = None,
+                longmamba: LongMambaLayer | None = None) -> tuple[jax.Array, Mamba2Cache]:
+        """Parallel (chunked) form from `cache` (None: zeros). Returns (y [B, T, M], next cache).
+
+        The cache flows into the first segment of the row; later segments start from zero."""
+        if x_BTM.ndim != 3 or x_BTM.shape[-1] != self.d_model:
+            raise ShapeError(f"Mamba2: x shape {tuple(x_BTM.shape)} must be [batch, T, d_model={self.d_model}]")
+        batch, T, _ = x_BTM.shape
+        if segment_ids_BT is not None and tuple(segment_ids_BT.shape) != (batch, T):
+            raise ShapeError(f"Mamba2: segment_ids shape {tuple(segment_ids_BT.shape)} must be {(batch, T)}")
+        fresh = cache is None
+        cache = self.init_cache(batch) if fresh else cache
+        H, P, G, N = self.n_heads, self.head_dim, self.n_groups, self.state_size
+        cdt = self.compute_dtype
+
+        z, xi, Bi, Ci, dt_raw = self._project(x_BTM)
+        doc_BT = document_ids(segment_ids_BT)
+        convs = []
+        for u, w, b, state in ((xi, self.conv_x, self.conv_x_bias, cache.conv_x),
+                               (Bi, self.conv_B, self.conv_B_bias, cache.conv_B),
+                               (Ci, self.conv_C, self.conv_C_bias, cache.conv_C)):
+            out, state = causal_conv(u, w[...], b[...], doc_BT, state)
+            convs.append((jax.nn.silu(out).astype(cdt), state.astype(cdt)))
+        (xc, conv_x), (Bc, conv_B), (Cc, conv_C) = convs
+
+        dt_BTH = self._dt(dt_raw)
+        if self.collect_dt:
+            self.sow(nnx.Intermediate, SOW_NAME, dt_BTH)
+        lm = self._longmamba(longmamba)
+        if lm is not None:
+            dt_BTH = filter_dt(dt_BTH, lm, length=T if fresh else cache.length + T)
+
+        x_BTHP = constrain(xc.reshape(batch, T, H, P), ("batch", None, "ssm_heads", None))
+        y_BTHP, ssm_state = ssd(
+            x_BTHP, constrain(dt_BTH, ("batch", None, "ssm_heads")), self.A_H(),
+            Bc.reshape(batch, T, G, N), Cc.reshape(batch, T, G, N), D=self.D[...].astype(_F32),
+            initial_state=None if fresh else cache.ssm, segment_ids=segment_ids_BT,
+            chunk=self.chunk, implementation=self.implementation)
+        y_BTM = self._gated_norm_out(y_BTHP.reshape(batch, T, self.inner), z)
+        next_cache = Mamba2Cache(conv_x, conv_B, conv_C, ssm_state, cache.length + T)
+        return y_BTM.astype(x_BTM.dtype), next_cache
+
+    def step(self, x_BM, cache: Mamba2Cache, *, longmamba: LongMambaLayer | None = None
+             ) -> tuple[jax.Array, Mamba2Cache]:
+        """One decoding step: (y [B, M], next cache) for x [B, M] — the recurrence h_t =
+        exp(dt A) h_{t-1} + dt x B^T, y = C h + D x with the conv window carried in the cache."""
+        if x_BM.ndim != 2 or x_BM.shape[-1] != self.d_model:
+            raise ShapeError(f"Mamba2.step: x shape {tuple(x_BM.shape)} must be [batch, d_model={self.d_model}]")
+        batch = x_BM.shape[0]
+        H, P, G, N = self.n_heads, self.head_dim, self.n_groups, self.state_size
+        cdt = self.compute_dtype
+        z, xi, Bi, Ci, dt_raw = self._project(x_BM)
+        convs = []
+        for u, w, b, state in ((xi, self.conv_x, self.conv_x_bias, cache.conv_x),
+                               (Bi, self.conv_B, self.conv_B_bias, cache.conv_B),
+                               (Ci, self.conv_C, self.conv_C_bias, cache.conv_C)):
+            window_BWC = jnp.concatenate([state, u[:, None].astype(state.dtype)], axis=1)
+            out = b[...].astype(_F32) + jnp.einsum("bwc,wc->bc", window_BWC.astype(_F32),
+                                                   w[...].astype(_F32), precision=_HIGHEST)
+            convs.append((jax.nn.silu(out), window_BWC[:, 1:]))
+        (xc, conv_x), (Bc, conv_B), (Cc, conv_C) = convs
+        # The parallel form feeds the scan compute-dtype inputs; round the same way here.
+        xc, Bc, Cc = (a.astype(cdt).astype(_F32) for a in (xc, Bc, Cc))
+
+        dt_BH = self._dt(dt_raw)
+        lm = self._longmamba(longmamba)
+        if lm is not None:
+            dt_BH = filter_dt(dt_BH[:, None], lm, length=cache.length + 1)[:, 0]
+        x_BHP = xc.reshape(batch, H, P)
+        rep = H // G
+        B_BHN = jnp.repeat(Bc.reshape(batch, G, N), rep, axis=1)
+        C_BHN = jnp.repeat(Cc.reshape(batch, G, N), rep, axis=1)
+        decay_BH = jnp.exp(dt_BH * self.A_H())
+        h_BHPN = (decay_BH[..., None, None] * cache.ssm
+                  + (dt_BH[..., None] * x_BHP)[..., None] * B_BHN[:, :, None, :])
+        y_BHP = jnp.einsum("bhpn,bhn->bhp", h_BHPN, C_BHN, precision=_HIGHEST)
+        y_BHP = y_BHP + self.D[...].astype(_F32)[:, None] * x_BHP
+        y_BM = self._gated_norm_out(y_BHP.reshape(batch, self.inner), z)
+        next_cache = Mamba2Cache(conv_x, conv_B, conv_C, h_BHPN, cache.length + 1)
+        return y_BM.astype(x_BM.dtype), next_cache

@@ -4,7 +4,7 @@ interpolation (Chen et al., 2023), (c) NTK-aware scaling, (d) YaRN (Peng et al.,
 PoSE fine-tune (Zhu et al., 2023) with interpolation, (f) ProLong-style large theta plus a short
 fine-tune at 4T (Gao et al., 2024).
 
-Knobs: data.seq-len is T; train.steps the base run (fine-tunes take a quarter of it, at equal
+Knobs: data.seq-len is T; train.steps the base run (fine-tunes take an eighth of it, at equal
 tokens); train.eval-batches the samples per (task, length, depth) cell.
 """
 
@@ -30,15 +30,18 @@ CONFIG = Experiment(
     name="context_extension",
     claim="past the training length plain RoPE fails at retrieval; RoPE scaling (PI, NTK, YaRN) and short "
           "PoSE or large-theta fine-tunes recover it",
-    model=Model(d_model=64, n_layers=2, n_heads=2),
-    data=Data(seq_len=256, batch_size=8),
-    optim=Optim(lr=3e-3, warmup_steps=30),
-    train=Train(steps=400, log_every=50, eval_batches=4),
+    model=Model(d_model=128, n_layers=2, n_heads=4),
+    data=Data(seq_len=128, batch_size=16),
+    optim=Optim(lr=2e-3, warmup_steps=30),
+    train=Train(steps=1000, log_every=100, eval_batches=4),
 )
 
 TASK_NAMES = ("passkey", "niah_single")
 DEPTHS = (0.1, 0.5, 0.9)
-SYNTHETIC_FRACTION = 0.5  # rows of each training batch that are retrieval samples
+RETRIEVAL_FRACTION = 0.375  # rows of each training batch that are retrieval samples
+INDUCTION_FRACTION = 0.375  # rows that are repeated random strings; the rest is the corpus
+ALPHABET = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz0123456789", np.uint8).astype(np.int32)  # induction rows
+FINE_TUNE_MIX = {"retrieval": 0.5, "induction": 0.0}  # fine-tunes: half retrieval, half (long) corpus
 MIN_SAMPLE = 128  # bytes: the shortest synthetic sample (both tasks fit)
 ANSWER_WEIGHT = 4.0  # loss weight of answer tokens in synthetic rows
 PROLONG_THETA_SCALE = 16  # ProLong raised the base 16x (5e5 -> 8e6) for an 8x longer context
@@ -46,32 +49,35 @@ VARIANTS = ("none", "pi", "ntk", "yarn", "pose", "prolong")
 
 
 class RetrievalMixture:
-    """`batch(step)`: corpus windows (horizon.data.batches) with the first rows replaced by synthetic
-    retrieval samples. A row packs samples of random lengths up to T + 1 as separate documents (short
-    ones teach the copy, long ones the distance); with PoSE each row is one full-length sample under
-    PoSE ids. Answer tokens weigh ANSWER_WEIGHT in the per-token loss."""
+    """`batch(step)`: corpus windows (horizon.data.batches) with leading rows replaced by synthetic
+    ones: retrieval rows pack passkey / needle samples of random lengths up to T + 1 as separate
+    documents (answer tokens weigh ANSWER_WEIGHT; with PoSE a row is one full-length sample under
+    PoSE ids), and induction rows repeat a random string of letters and digits with a random
+    period, the classic curriculum that makes a small model form the copying (induction) heads
+    retrieval relies on (Olsson et al., 2022)."""
 
-    def __init__(self, store, data: Data, *, seed: int):
+    def __init__(self, store, data: Data, *, seed: int, retrieval: float = RETRIEVAL_FRACTION,
+                 induction: float = INDUCTION_FRACTION):
         self.corpus = Batches(store, data, split="train", seed=seed)
         self.data, self.seed = data, seed
-        self.n_synth = max(1, round(SYNTHETIC_FRACTION * data.batch_size))
+        self.n_retrieval = max(1, round(retrieval * data.batch_size))
+        self.n_induction = min(data.batch_size - self.n_retrieval, round(induction * data.batch_size))
         self.tok = get_tokenizer()
 
-    def _row(self, rng, length: int):
+    def _retrieval_row(self, rng, length: int):
         """tokens, segment ids, answer mask of `length` bytes packed with samples."""
         toks, segs, ans = [], [], []
         left, seg = length, 0
         while left > 0:
             task = TASKS[TASK_NAMES[int(rng.integers(len(TASK_NAMES)))]]
             lo = MIN_SAMPLE
-            n = left if left < 2 * lo or self.data.pose.target_length else int(rng.integers(lo, min(left, length) + 1))
+            n = left if left < 2 * lo or self.data.pose.target_length else int(rng.integers(lo, left + 1))
+            a = np.zeros(n, bool)
             if n < lo:  # a tail too short for a sample: plain filler, its own document
                 t = self.tok.encode((NOISE * (n // len(NOISE) + 1))[:n]).astype(np.int32)
-                a = np.zeros(n, bool)
             else:
                 s = task.generate(int(rng.integers(2**31)), n, float(rng.random()))
                 t = self.tok.encode(s.text).astype(np.int32)
-                a = np.zeros(n, bool)
                 a[len(s.prompt):] = True
             toks.append(t)
             segs.append(np.full(n, seg, np.int32))
@@ -83,8 +89,8 @@ class RetrievalMixture:
         b = {k: v.copy() for k, v in self.corpus.batch(step).items()}
         T = self.data.seq_len
         rng = np.random.default_rng([self.seed, 0xC0DE, step])
-        for r in range(self.n_synth):
-            toks, seg, ans = self._row(rng, T + 1)
+        for r in range(self.n_retrieval):
+            toks, seg, ans = self._retrieval_row(rng, T + 1)
             b["inputs"][r], b["targets"][r] = toks[:-1], toks[1:]
             b["segment_ids"][r] = seg[:-1]
             b["weights"][r] = np.where(seg[1:] == seg[:-1], np.where(ans[1:], ANSWER_WEIGHT, 1.0), 0.0)
@@ -92,6 +98,14 @@ class RetrievalMixture:
                 b["positions"][r] = pose_positions(rng, T, self.data.pose.target_length, self.data.pose.chunks)
             else:
                 b["positions"][r] = segment_positions(seg[None, :-1])[0]
+        for r in range(self.n_retrieval, self.n_retrieval + self.n_induction):
+            period = int(rng.integers(16, max(17, T // 2)))
+            # digits included: the copy must work for the bytes the answers use
+            row = np.tile(ALPHABET[rng.integers(len(ALPHABET), size=period)], T // period + 2)[:T + 1]
+            b["inputs"][r], b["targets"][r] = row[:-1], row[1:]
+            b["segment_ids"][r], b["weights"][r] = 0, (np.arange(T) >= period).astype(np.float32)
+            b["positions"][r] = (pose_positions(rng, T, self.data.pose.target_length, self.data.pose.chunks)
+                                 if self.data.pose.target_length else np.arange(T))
         return b
 
 
@@ -107,7 +121,7 @@ def run(cfg: Experiment = CONFIG, *, log=print) -> dict:
     run_dir = run_dir_for(cfg)
     T, B, seed = cfg.data.seq_len, cfg.data.batch_size, cfg.train.seed
     lengths = (T, 4 * T, 8 * T)
-    ft_steps = max(1, cfg.train.steps // 4)
+    ft_steps = max(1, cfg.train.steps // 8)
     store = load_store(cfg.data.store)
 
     log(f"base: {cfg.train.steps} steps at T={T}")
@@ -115,21 +129,22 @@ def run(cfg: Experiment = CONFIG, *, log=print) -> dict:
 
     # (e) PoSE: windows of T whose positions cover 8T, with 8x position interpolation (as in PoSE's runs).
     pose_data = dataclasses.replace(cfg.data, pose=Pose(target_length=8 * T))
+    ft_optim = dataclasses.replace(cfg.optim, lr=cfg.optim.lr / 3, schedule="constant", warmup_steps=min(10, ft_steps))
     pose_cfg = dataclasses.replace(
-        cfg, data=pose_data, model=dataclasses.replace(cfg.model, rope=Rope(scaling="linear", factor=8, original_length=T)),
-        optim=dataclasses.replace(cfg.optim, lr=cfg.optim.lr / 3, schedule="constant", warmup_steps=min(10, ft_steps)),
-        train=dataclasses.replace(cfg.train, steps=ft_steps))
+        cfg, data=pose_data, optim=ft_optim, train=dataclasses.replace(cfg.train, steps=ft_steps),
+        model=dataclasses.replace(cfg.model, rope=Rope(scaling="linear", factor=8, original_length=T)))
     log(f"pose fine-tune: {ft_steps} steps, positions to {8 * T}")
-    pose_model, _ = fit(pose_cfg, RetrievalMixture(store, pose_data, seed=seed + 1), params=params_of(base), log=log)
+    pose_model, _ = fit(pose_cfg, RetrievalMixture(store, pose_data, seed=seed + 1, **FINE_TUNE_MIX),
+                        params=params_of(base), log=log)
 
     # (f) ProLong: base theta x16 and a fine-tune at 4T, same tokens per step.
     long_data = dataclasses.replace(cfg.data, seq_len=4 * T, batch_size=max(1, B // 4))
     prolong_cfg = dataclasses.replace(
-        cfg, data=long_data, model=dataclasses.replace(cfg.model, rope_theta=cfg.model.rope_theta * PROLONG_THETA_SCALE),
-        optim=pose_cfg.optim, train=dataclasses.replace(cfg.train, steps=ft_steps))
+        cfg, data=long_data, optim=ft_optim, train=dataclasses.replace(cfg.train, steps=ft_steps),
+        model=dataclasses.replace(cfg.model, rope_theta=cfg.model.rope_theta * PROLONG_THETA_SCALE))
     log(f"prolong fine-tune: {ft_steps} steps at {4 * T}, theta {prolong_cfg.model.rope_theta:g}")
-    prolong_model, _ = fit(prolong_cfg, RetrievalMixture(store, long_data, seed=seed + 2), params=params_of(base),
-                           log=log)
+    prolong_model, _ = fit(prolong_cfg, RetrievalMixture(store, long_data, seed=seed + 2, **FINE_TUNE_MIX),
+                           params=params_of(base), log=log)
 
     forwards = {}  # one compiled forward per distinct model, shared by every length and task
 
@@ -202,7 +217,8 @@ def run(cfg: Experiment = CONFIG, *, log=print) -> dict:
     table = markdown_table(headers, rows)
     report = [f"# {cfg.name}", "", f"Claim: {cfg.claim}.", "",
               (f"Base: {cfg.model.n_layers} layers, d_model {cfg.model.d_model}, trained {cfg.train.steps} steps at "
-              f"T = {T} ({int(SYNTHETIC_FRACTION * 100)}% of rows synthetic passkey / needle samples); fine-tunes "
+              f"T = {T} ({RETRIEVAL_FRACTION:.0%} of rows passkey / needle samples, {INDUCTION_FRACTION:.0%} repeated "
+              f"random strings, the rest corpus); fine-tunes "
               f"{ft_steps} steps. Accuracy = exact match of the greedy answer, {n} samples x {len(DEPTHS)} depths "
               "per cell. Loss columns: held-out corpus loss (nats) by within-document position at length "
               f"{8 * T}."), "", table, "",

@@ -28,7 +28,7 @@ CONFIG = Experiment(
     model=Model(d_model=64, n_layers=2, n_heads=2),
     data=Data(seq_len=256, batch_size=8, fim_rate=0.5),
     optim=Optim(lr=3e-3, warmup_steps=30),
-    train=Train(steps=300, log_every=25, eval_batches=4),
+    train=Train(steps=250, log_every=50, eval_batches=4),
 )
 
 OBJECTIVES = {

@@ -92,6 +92,8 @@ commands:
                                build a token store from text files (default: this Python's stdlib)
   eval RUN_DIR --task NAME --lengths 512,1024 [...]
                                a long-context task or the loss-by-position curve on a saved run (eval --help)
+  aot --model PRESET --mesh fsdp=8,tensor=8 --seq-len N
+                               compile the train step for a topology you do not have; per-device memory
 """
 
 

@@ -24,6 +24,20 @@ def compute_dtype(cfg: Model):
     return jnp.dtype(cfg.compute_dtype)
 
 
+ATTN_LINEARS = ("q", "k", "v", "o")
+MLP_LINEARS = ("gate", "up", "down")
+
+
+def linear_paths(cfg: Model) -> list[str]:
+    """The module path of every quantizable linear layer ("layers/3/attn/q"), as recipes match them."""
+    paths = []
+    for i, mixer in enumerate(cfg.mixers):
+        if mixer == "attn":
+            paths += [f"layers/{i}/attn/{n}" for n in ATTN_LINEARS]
+        paths += [f"layers/{i}/mlp/{n}" for n in MLP_LINEARS]
+    return paths
+
+
 def linear_recipe(cfg: Model, *, layer_index: int, path: str):
     """The quantization treatment of the linear layer at `path` ("layers/3/attn/q") in block
     `layer_index`: a horizon.quant LinearRecipe, or None for high precision.
@@ -101,7 +115,7 @@ class Block(nnx.Module):
         self.mixer = MIXER_CLASSES[mixer_name]()(cfg, layer_index=layer_index, rngs=rngs)
         self.norm2 = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
         recipes = tuple(linear_recipe(cfg, layer_index=layer_index, path=f"layers/{layer_index}/mlp/{n}")
-                        for n in ("gate", "up", "down"))
+                        for n in MLP_LINEARS)
         self.mlp = SwiGLU(cfg.d_model, cfg.d_ff, std=cfg.init_std, rngs=rngs, recipes=recipes,
                           gemm_base=layer_index * 16 + 8, compute_dtype=compute_dtype(cfg))
 

@@ -10,7 +10,7 @@ from horizon.config import Model
 from horizon.layers.embed import Embed
 from horizon.layers.linear import Linear
 from horizon.layers.norm import RMSNorm
-from horizon.models.blocks import Block, compute_dtype
+from horizon.models.blocks import Block, compute_dtype, linear_paths
 from horizon.models.heads import MTP_CLASSES, HLPHead
 from horizon.train.sharding import constrain
 
@@ -22,6 +22,13 @@ class LM(nnx.Module):
         self.cfg = cfg
         self.embed = Embed(cfg.vocab_size, cfg.d_model, std=cfg.init_std, rngs=rngs, compute_dtype=compute_dtype(cfg))
         self.layers = nnx.List([Block(cfg, layer_index=i, rngs=rngs) for i in range(cfg.n_layers)])
+        if cfg.quant.recipe != "bf16":
+            from horizon.quant.recipe import check_rules, get_recipe
+
+            # Warns, naming the rule, when a keep-in-high-precision rule matches no layer. The
+            # embedding and head are high precision by construction; their paths let the
+            # recipe's rule for them count as matched.
+            check_rules(get_recipe(cfg.quant.recipe), ["embed", "head", *linear_paths(cfg)], n_layers=cfg.n_layers)
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
         self.head = None if cfg.tie_embeddings else Linear(
             cfg.d_model, cfg.vocab_size, axes=("embed", "vocab"), std=cfg.init_std, rngs=rngs,

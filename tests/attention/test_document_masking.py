@@ -21,8 +21,9 @@ def test_attention_weight_across_documents_is_exactly_zero():
     k = jnp.asarray(rng.normal(size=(B, T, G, T)), jnp.float32)
     v = jnp.broadcast_to(jnp.eye(T, dtype=jnp.float32)[None, :, None, :], (B, T, G, T))
     seg = jnp.array([[0, 0, 0, 1, 1, 1, 1, 2], [0, 1, 1, 1, 1, 1, 2, 2]], jnp.int32)
-    w_BTHS = np.asarray(attend(q, k, v, segment_ids_q=seg, segment_ids_k=seg, cfg=Attention()))
     s = np.asarray(seg)
+    pos = np.stack([np.arange(T) - np.searchsorted(row, row) for row in s]).astype(np.int32)  # per-document
+    w_BTHS = np.asarray(attend(q, k, v, positions_BT=jnp.asarray(pos), segment_ids_BT=seg, cfg=Attention(block=4)))
     allowed_BTS = (s[:, :, None] == s[:, None, :]) & np.tril(np.ones((T, T), bool))[None]
     forbidden = np.broadcast_to(~allowed_BTS[:, :, None, :], w_BTHS.shape)
     assert np.all(w_BTHS[forbidden] == 0.0)  # exactly zero, not small

@@ -60,3 +60,20 @@ def test_quantized_model_gradients_are_finite_and_loss_close_to_bf16():
     lb, _ = nnx.value_and_grad(loss)(b)
     assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(gq))
     assert abs(float(lq) - float(lb)) < 0.05 * float(lb) and float(lq) != float(lb)
+
+
+def test_rules_match_the_model_without_warnings_and_a_dead_rule_warns():
+    import warnings
+
+    import pytest
+
+    from horizon.models.blocks import linear_paths
+    from horizon.quant.recipe import KeepRule, QuantRecipe, check_rules, get_recipe
+
+    cfg = _cfg("nvfp4")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LM(cfg, rngs=nnx.Rngs(0))  # every preset rule matches something: no warning
+    dead = QuantRecipe(name="x", linear=get_recipe("nvfp4").linear, keep=(KeepRule(paths=("*router*",)),))
+    with pytest.warns(UserWarning, match="router"):
+        check_rules(dead, linear_paths(cfg), n_layers=cfg.n_layers)

@@ -28,16 +28,16 @@ CONFIG = Experiment(
     model=Model(d_model=64, n_layers=2, n_heads=2),
     data=Data(seq_len=256, batch_size=8, fim_rate=0.5),
     optim=Optim(lr=3e-3, warmup_steps=30),
-    train=Train(steps=250, log_every=50, eval_batches=4),
+    train=Train(steps=400, log_every=50, eval_batches=4),
 )
 
 OBJECTIVES = {
     "next-token": Objective(),
-    "MTP parallel (n=3)": Objective(mtp="parallel", mtp_depth=2, mtp_weight=1.0),
-    "MTP sequential (D=2)": Objective(mtp="sequential", mtp_depth=2, mtp_weight=1.0),
+    "MTP parallel (n=2)": Objective(mtp="parallel", mtp_depth=1, mtp_weight=1.0),
+    "MTP sequential (D=1)": Objective(mtp="sequential", mtp_depth=1, mtp_weight=1.0),
     "HLP": Objective(hlp_weight=1.0),
 }
-CONTEXT = 96  # bytes of prefix and of suffix around the infilled line
+CONTEXT = 80  # bytes of prefix and of suffix around the infilled line (all fits in T = 256)
 MAX_NEW = 48
 
 

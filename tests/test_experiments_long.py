@@ -38,7 +38,7 @@ def test_context_extension_runs_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_mtp_hlp_runs_end_to_end(tmp_path):
     run_dir, res = _run("mtp_hlp", ["--train.steps", "2", "--train.log-every", "1"], tmp_path)
-    assert set(res["results"]) == {"next-token", "MTP parallel (n=3)", "MTP sequential (D=2)", "HLP"}
+    assert set(res["results"]) == {"next-token", "MTP parallel (n=2)", "MTP sequential (D=1)", "HLP"}
     for r in res["results"].values():
         assert 0.0 <= r["exact_match"] <= 1.0 and r["heldout_loss"] > 0
     assert res["n_infill"] == 16 and (run_dir / "train_loss.png").exists()

@@ -17,7 +17,7 @@ from experiments._fit import fit, run_dir_for
 from horizon.config import Data, Experiment, Model, Objective, Optim, Train
 from horizon.data.batches import FIM_END, Batches, fim_encode
 from horizon.data.corpus import load_store
-from horizon.eval.harness import greedy_decode
+from horizon.eval.harness import greedy_decode, logits_fn
 from horizon.eval.perplexity import loss_by_position
 from horizon.eval.report import markdown_table, plot_curves, write_json
 
@@ -75,9 +75,10 @@ def infill_exact_match(model, samples) -> dict:
             "length_error": float(np.mean(len_err))}
 
 
-def heldout_loss(model, batches: Batches, n_batches: int) -> float:
+def heldout_loss(model, batches: Batches, n_batches: int, forward=None) -> float:
     """Mean next-token loss over held-out windows: loss by position, in one bucket."""
-    return loss_by_position(model, batches, n_batches=n_batches, bucket=batches.cfg.seq_len)["loss"][0]
+    return loss_by_position(model, batches, n_batches=n_batches, bucket=batches.cfg.seq_len,
+                            forward=forward)["loss"][0]
 
 
 def run(cfg: Experiment = CONFIG, *, log=print) -> dict:
@@ -93,8 +94,9 @@ def run(cfg: Experiment = CONFIG, *, log=print) -> dict:
         sub = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, objective=obj))
         log(f"{name}: {cfg.train.steps} steps")
         model, curves[name] = fit(sub, train_batches, log=log)
-        results[name] = {"heldout_loss": heldout_loss(model, held_plain, cfg.train.eval_batches),
-                         "heldout_loss_with_fim": heldout_loss(model, held_fim, cfg.train.eval_batches),
+        forward = logits_fn(model)  # one compiled forward for both held-out sets
+        results[name] = {"heldout_loss": heldout_loss(model, held_plain, cfg.train.eval_batches, forward),
+                         "heldout_loss_with_fim": heldout_loss(model, held_fim, cfg.train.eval_batches, forward),
                          **infill_exact_match(model, samples)}
         log(f"  {results[name]}")
 

@@ -109,6 +109,7 @@ def main(argv: list[str]) -> dict:
                 "attention": dataclasses.asdict(mcfg.attention)}
 
     if task is None:
+        from horizon.config import Pose
         from horizon.data.batches import Batches
         from horizon.data.corpus import load_store
         from horizon.eval.perplexity import loss_by_position
@@ -116,7 +117,7 @@ def main(argv: list[str]) -> dict:
         store = load_store(cfg.data.store)
         curves = {}
         for L in lengths:
-            data = dataclasses.replace(cfg.data, seq_len=L, batch_size=a.batch_size, fim_rate=0.0)
+            data = dataclasses.replace(cfg.data, seq_len=L, batch_size=a.batch_size, fim_rate=0.0, pose=Pose())
             curves[L] = loss_by_position(model, Batches(store, data, split="heldout", seed=a.seed),
                                          n_batches=a.samples, bucket=max(1, max(lengths) // 16))
         result = {"run_dir": str(a.run_dir), "task": "perplexity", **settings, "curves": curves}

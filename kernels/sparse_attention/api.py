@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels.dispatch import IMPLEMENTATIONS  # noqa: F401  (re-exported)
+from kernels.dispatch import resolve_implementation as _resolve
 from kernels.errors import KernelInputError
 from kernels.sparse_attention import pallas_triton
 from kernels.sparse_attention.layout import pack
@@ -18,19 +20,12 @@ from kernels.sparse_attention.reference import attend_reference
 from kernels.sparse_attention.selection import Selection, with_transpose
 from kernels.sparse_attention.xla import attend_xla
 
-IMPLEMENTATIONS = ("pallas", "xla", "reference")
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def resolve_implementation(implementation: str | None, interpret: bool = False) -> str:
-    """The implementation `attend` runs: None picks pallas on GPU (or when interpret=True), else xla."""
-    if implementation is None:
-        return "pallas" if (interpret or jax.default_backend() == "gpu") else "xla"
-    if implementation not in IMPLEMENTATIONS:
-        raise KernelInputError(
-            f"attend: implementation={implementation!r} is unknown; use None, 'pallas', 'xla' or 'reference'"
-        )
-    return implementation
+    """The implementation `attend` runs: None picks pallas on GPU (or interpret=True), else xla."""
+    return _resolve("attend", implementation, interpret)
 
 
 def attend(

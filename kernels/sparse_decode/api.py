@@ -8,24 +8,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels.dispatch import IMPLEMENTATIONS  # noqa: F401  (re-exported)
+from kernels.dispatch import resolve_implementation as _resolve
 from kernels.errors import KernelInputError
 from kernels.sparse_decode import pallas_triton
 from kernels.sparse_decode.reference import decode_reference
 from kernels.sparse_decode.xla import decode_xla
 
-IMPLEMENTATIONS = ("pallas", "xla", "reference")
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def resolve_implementation(implementation: str | None, interpret: bool = False) -> str:
-    """The implementation decode_attend runs: None picks pallas on GPU (or interpret=True), else xla."""
-    if implementation is None:
-        return "pallas" if (interpret or jax.default_backend() == "gpu") else "xla"
-    if implementation not in IMPLEMENTATIONS:
-        raise KernelInputError(
-            f"decode_attend: implementation={implementation!r} is unknown; use None, 'pallas', 'xla' or 'reference'"
-        )
-    return implementation
+    """The implementation `decode_attend` runs: None picks pallas on GPU (or interpret=True), else xla."""
+    return _resolve("decode_attend", implementation, interpret)
 
 
 def decode_attend(

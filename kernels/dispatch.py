@@ -1,0 +1,21 @@
+"""Implementation choice shared by the kernel APIs: None picks Pallas on a GPU (or when
+interpret=True), the XLA path elsewhere; an unknown name is a KernelInputError."""
+
+from __future__ import annotations
+
+import jax
+
+from kernels.errors import KernelInputError
+
+IMPLEMENTATIONS = ("pallas", "xla", "reference")
+
+
+def resolve_implementation(op: str, implementation: str | None, interpret: bool = False) -> str:
+    """The implementation `op` runs (op names the public function in the error message)."""
+    if implementation is None:
+        return "pallas" if (interpret or jax.default_backend() == "gpu") else "xla"
+    if implementation not in IMPLEMENTATIONS:
+        raise KernelInputError(
+            f"{op}: implementation={implementation!r} is unknown; use None, 'pallas', 'xla' or 'reference'"
+        )
+    return implementation

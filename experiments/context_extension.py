@@ -57,7 +57,8 @@ class RetrievalMixture:
     retrieval relies on (Olsson et al., 2022)."""
 
     def __init__(self, store, data: Data, *, seed: int, retrieval: float = RETRIEVAL_FRACTION,
-                 induction: float = INDUCTION_FRACTION):
+                 induction: float = INDUCTION_FRACTION, tasks: tuple[str, ...] = TASK_NAMES):
+        self.tasks = tasks
         self.corpus = Batches(store, data, split="train", seed=seed)
         self.data, self.seed = data, seed
         self.n_retrieval = max(1, round(retrieval * data.batch_size))
@@ -69,7 +70,7 @@ class RetrievalMixture:
         toks, segs, ans = [], [], []
         left, seg = length, 0
         while left > 0:
-            task = TASKS[TASK_NAMES[int(rng.integers(len(TASK_NAMES)))]]
+            task = TASKS[self.tasks[int(rng.integers(len(self.tasks)))]]
             lo = MIN_SAMPLE
             n = left if left < 2 * lo or self.data.pose.target_length else int(rng.integers(lo, left + 1))
             a = np.zeros(n, bool)

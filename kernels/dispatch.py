@@ -10,10 +10,13 @@ from kernels.errors import KernelInputError
 IMPLEMENTATIONS = ("pallas", "xla", "reference")
 
 
-def resolve_implementation(op: str, implementation: str | None, interpret: bool = False) -> str:
-    """The implementation `op` runs (op names the public function in the error message)."""
+def resolve_implementation(op: str, implementation: str | None, interpret: bool = False, *,
+                           pallas_ok: bool = True) -> str:
+    """The implementation `op` runs (op names the public function in the error message).
+    pallas_ok=False (the problem does not suit the kernel, e.g. an SSD chunk Triton cannot tile)
+    makes None pick the XLA path."""
     if implementation is None:
-        return "pallas" if (interpret or jax.default_backend() == "gpu") else "xla"
+        return "pallas" if pallas_ok and (interpret or jax.default_backend() == "gpu") else "xla"
     if implementation not in IMPLEMENTATIONS:
         raise KernelInputError(
             f"{op}: implementation={implementation!r} is unknown; use None, 'pallas', 'xla' or 'reference'"

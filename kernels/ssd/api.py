@@ -11,12 +11,13 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from kernels.dispatch import IMPLEMENTATIONS
+from kernels.dispatch import resolve_implementation as _resolve
 from kernels.errors import KernelInputError
 from kernels.ssd.pallas_triton import PallasConfig, ssd_pallas
 from kernels.ssd.reference import ssd_reference
 from kernels.ssd.xla import ssd_xla
 
-IMPLEMENTATIONS = ("reference", "xla", "pallas")
 DEFAULT_CHUNK = 64
 
 
@@ -24,11 +25,10 @@ def _pallas_chunk_ok(chunk: int) -> bool:
     return chunk >= 16 and chunk & (chunk - 1) == 0
 
 
-def resolve_implementation(implementation: str | None, chunk: int = DEFAULT_CHUNK) -> str:
+def resolve_implementation(implementation: str | None, chunk: int = DEFAULT_CHUNK,
+                           interpret: bool = False) -> str:
     """The implementation `ssd(..., implementation=implementation, chunk=chunk)` runs."""
-    if implementation is None:
-        return "pallas" if jax.default_backend() == "gpu" and _pallas_chunk_ok(chunk) else "xla"
-    return implementation
+    return _resolve("ssd", implementation, interpret, pallas_ok=_pallas_chunk_ok(chunk))
 
 
 def _shape(a) -> tuple:
@@ -36,9 +36,7 @@ def _shape(a) -> tuple:
 
 
 def _validate(x, dt, A, B, C, D, initial_state, segment_ids, chunk, implementation, interpret):
-    if implementation not in (None, *IMPLEMENTATIONS):
-        raise KernelInputError(f"ssd: implementation={implementation!r} is unknown; use None, "
-                               + ", ".join(repr(i) for i in IMPLEMENTATIONS))
+    resolve_implementation(implementation)  # an unknown name is a KernelInputError
     if getattr(x, "ndim", None) != 4:
         raise KernelInputError(f"ssd: x must be [batch, T, heads, head_dim], got shape {_shape(x)}")
     batch, T, H, P = x.shape
@@ -130,7 +128,7 @@ def ssd(x, dt, A, B, C, *, D=None, initial_state=None, segment_ids=None, chunk: 
     """
     chunk = DEFAULT_CHUNK if chunk is None else chunk
     _validate(x, dt, A, B, C, D, initial_state, segment_ids, chunk, implementation, interpret)
-    impl = resolve_implementation(implementation, chunk)
+    impl = resolve_implementation(implementation, chunk, interpret)
     if impl == "reference":
         return _reference_jit(x, dt, A, B, C, D, initial_state, segment_ids)
     if impl == "xla":

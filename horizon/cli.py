@@ -1,4 +1,4 @@
-"""The `horizon` command: list | run | data build | eval.
+"""The `horizon` command: list | run | data build | eval | generate | aot.
 
 `horizon run NAME [overrides]` and `python -m experiments.NAME [overrides]` are the same thing:
 tyro parses overrides of the experiment's CONFIG (`--train.steps 200 --model.d-model 256
@@ -92,6 +92,8 @@ commands:
                                build a token store from text files (default: this Python's stdlib)
   eval RUN_DIR --task NAME --lengths 512,1024 [...]
                                a long-context task or the loss-by-position curve on a saved run (eval --help)
+  generate RUN_DIR --prompt TEXT [--cache streaming --cache-size 256] [--max-new-tokens N]
+                               sample from a saved run with a KV cache, streaming tokens (generate --help)
   aot --model PRESET --mesh fsdp=8,tensor=8 --seq-len N
                                compile the train step for a topology you do not have; per-device memory
 """
@@ -131,7 +133,13 @@ def _cmd_eval(argv):
     eval_main(argv)
 
 
-COMMANDS = {"list": _cmd_list, "run": _cmd_run, "data": _cmd_data, "eval": _cmd_eval,
+def _cmd_generate(argv):
+    from horizon.infer.cli import main as generate_main
+
+    generate_main(argv)
+
+
+COMMANDS = {"list": _cmd_list, "run": _cmd_run, "data": _cmd_data, "eval": _cmd_eval, "generate": _cmd_generate,
             "aot": lambda argv: importlib.import_module("horizon.train.aot").main(argv)}
 
 

@@ -49,21 +49,25 @@ class Attention:
     @property
     def policy_options(self) -> dict:
         """`options` parsed: "budget=8,stride=4" -> {"budget": 8, "stride": 4} (ints, floats, words)."""
-        out = {}
-        for item in filter(None, (p.strip() for p in self.options.split(","))):
-            key, sep, value = item.partition("=")
-            if not sep or not key.strip():
-                raise ConfigError(f"model.attention.options: {item!r} is not key=value; "
-                                  "write e.g. 'budget=8,stride=4'")
-            value = value.strip()
-            for conv in (int, float):
-                try:
-                    value = conv(value)
-                    break
-                except ValueError:
-                    pass
-            out[key.strip()] = value
-        return out
+        return parse_options(self.options, "model.attention.options")
+
+
+def parse_options(text: str, field: str) -> dict:
+    """"budget=8,stride=4" -> {"budget": 8, "stride": 4} (ints, floats, words); ConfigError naming `field`."""
+    out = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{field}: {item!r} is not key=value; write e.g. 'budget=8,stride=4'")
+        value = value.strip()
+        for conv in (int, float):
+            try:
+                value = conv(value)
+                break
+            except ValueError:
+                pass
+        out[key.strip()] = value
+    return out
 
 
 @frozen
@@ -366,6 +370,66 @@ class Distributed:
                          f"{self.process_id} must be in [0, num_processes={self.num_processes})")
         _require(self.initialization_timeout >= 1, "distributed.initialization_timeout",
                  f"{self.initialization_timeout} must be >= 1")
+
+
+DECODE_CACHES = ("full", "streaming", "ema_sink", "paged")
+
+
+@frozen
+class Decode:
+    """Cached decoding (horizon.infer): the KV cache of every attention layer, the decode-time
+    selector, sampling and stopping. Streaming caches (window + sinks, StreamingLLM; EMA sinks,
+    Reward Forcing) hold `cache_size` slots, `n_sinks` of them sinks; full and paged caches hold
+    `cache_size` slots (None: prompt + max_new_tokens)."""
+
+    cache: Literal["full", "streaming", "ema_sink", "paged"] = "full"
+    cache_size: int | None = None  # slots per attention layer (streaming caches: n_sinks + window)
+    n_sinks: int = 4
+    page_size: int = 16  # paged cache: slots per page
+    ema: float = 0.9  # ema_sink: S <- ema * S + (1 - ema) * evicted
+    policy: str = "full"  # decode-time selector (horizon.infer.selectors) for full / paged caches
+    options: str = ""  # selector arguments, "k=64,threshold=0.9"
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus sampling: keep the smallest set of tokens holding top_p of the mass
+    max_new_tokens: int = 64
+    stop_tokens: tuple[int, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self):
+        _require(self.cache in DECODE_CACHES, "decode.cache",
+                 f"{self.cache!r} is unknown; choose one of {', '.join(DECODE_CACHES)}")
+        _require(self.temperature >= 0, "decode.temperature", f"{self.temperature} must be >= 0 (0 = greedy)")
+        _require(0.0 < self.top_p <= 1.0, "decode.top_p", f"{self.top_p} must be in (0, 1] (1 = off)")
+        _require(self.max_new_tokens >= 1, "decode.max_new_tokens", f"{self.max_new_tokens} must be >= 1")
+        _require(self.n_sinks >= 0, "decode.n_sinks", f"{self.n_sinks} must be >= 0")
+        _require(self.page_size >= 1, "decode.page_size", f"{self.page_size} must be >= 1")
+        _require(0.0 <= self.ema < 1.0, "decode.ema", f"{self.ema} must be in [0, 1)")
+        _ = self.policy_options  # validates the syntax
+        if self.cache in ("streaming", "ema_sink"):
+            _require(self.cache_size is not None, "decode.cache_size",
+                     f"the {self.cache} cache needs a size (n_sinks + window), e.g. --cache-size 256")
+            _require(self.policy == "full", "decode.policy",
+                     f"{self.policy!r} selects from a full or paged cache; the {self.cache} cache is its own "
+                     "policy, so use --policy full or --cache full / paged")
+        if self.cache_size is not None:
+            least = self.n_sinks + 1 if self.cache == "streaming" else 2 * max(self.n_sinks, 1)
+            least = least if self.cache in ("streaming", "ema_sink") else 1
+            _require(self.cache_size >= least, "decode.cache_size",
+                     f"{self.cache_size} is too small for the {self.cache} cache with {self.n_sinks} sinks; "
+                     f"use at least {least}")
+        if self.cache == "ema_sink":
+            _require(self.n_sinks >= 1, "decode.n_sinks", "the ema_sink cache needs at least one sink")
+        for t in self.stop_tokens:
+            _require(isinstance(t, int) and t >= 0, "decode.stop_tokens", f"{t!r} is not a token id (int >= 0)")
+
+    @property
+    def policy_options(self) -> dict:
+        return parse_options(self.options, "decode.options")
+
+    @property
+    def window(self) -> int | None:
+        """Recent-token slots of a streaming cache (cache_size - n_sinks)."""
+        return None if self.cache_size is None else self.cache_size - self.n_sinks
 
 
 @frozen

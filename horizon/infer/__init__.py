@@ -1,1 +1,1 @@
-"""Inference: sampling from trained models."""
+"""Inference: KV caches, cached generation, speculative decoding, decode-time selectors."""

@@ -70,28 +70,7 @@ def hip(
     q_valid = (np.arange(tp) < t).reshape(n_q, block_q)
     kbar = jax.lax.stop_gradient(block_means(k_BSGD, block_k))  # [B, nK, G, D]
     kbar = jnp.repeat(kbar, h // g, axis=2).transpose(0, 2, 1, 3)  # [B, H, nK, D]
-
-    def score(c_lo, c_hi):  # chunks [B, H, nQ, C] -> [B, H, nQ, C]
-        centre = jnp.clip((c_lo + c_hi - 1) // 2, 0, n_k - 1)
-        rep = jax.vmap(jax.vmap(lambda kb, c: kb[c]))(kbar, centre)  # [B, H, nQ, C, D]
-        s = jnp.einsum("bqihd,bhqcd->bhqci", q, rep)
-        s = jnp.where(q_valid[None, None, :, None, :], s, -jnp.inf).max(-1)
-        return jnp.where(c_hi > c_lo, s, -jnp.inf)
-
-    k = budget
-    edges = lo[..., None] + ((hi - lo)[..., None] * jnp.arange(2 * k + 1)) // (2 * k)
-    c_lo, c_hi = edges[..., :-1], edges[..., 1:]  # 2k chunks
-    rounds = max(1, math.ceil(math.log2(max(n_k / (2 * k), 1)))) + 1
-    for _ in range(rounds):
-        _, keep = jax.lax.top_k(score(c_lo, c_hi), k)
-        c_lo = jnp.take_along_axis(c_lo, keep, -1)
-        c_hi = jnp.take_along_axis(c_hi, keep, -1)
-        mid = (c_lo + c_hi + 1) // 2  # halves [lo, mid), [mid, hi); a single block stays whole
-        c_lo = jnp.concatenate([c_lo, mid], -1)
-        c_hi = jnp.concatenate([mid, c_hi], -1)
-    _, keep = jax.lax.top_k(score(c_lo, c_hi), k)
-    c_lo = jnp.take_along_axis(c_lo, keep, -1)
-    c_hi = jnp.take_along_axis(c_hi, keep, -1)
+    c_lo, c_hi = tree_topk_blocks(q, q_valid, kbar, lo, hi, budget)
     # Final chunks are single blocks (or empty): mark them.
     picked = jax.nn.one_hot(jnp.where(c_hi > c_lo, c_lo, n_k), n_k + 1, dtype=bool)[..., :n_k].any(
         -2
@@ -108,3 +87,42 @@ def hip(
         structure=structure,
         max_blocks=min(n_k, budget + local_blocks + sink_blocks + 1),
     )
+
+
+def tree_topk_blocks(q_BQbHD, q_valid_Qb, kbar_BHKD, lo_BHQ, hi_BHQ, budget: int):
+    """HiP's hierarchical top-`budget` block search (Lee et al. 2024, Sec. 3, Alg. 1), shared by the
+    prefill policy above and the decode selector (horizon.infer.selectors.hip, nQ = block = 1).
+
+    q_BQbHD [B, nQ, bq, H, D] queries per query block; q_valid_Qb [nQ, bq] bool (padding rows);
+    kbar_BHKD [B, H, nK, D] mean key of each key block; lo_BHQ, hi_BHQ [B, H, nQ] the candidate
+    block range [lo, hi) of each query block. The range is cut into 2k chunks (k = budget); each
+    round scores a chunk by its centre block's mean key (max over the block's queries of q . kbar),
+    keeps the best k and halves them, until every kept chunk is one block.
+    Returns (c_lo, c_hi) [B, H, nQ, k]: chunk c is block c_lo when c_hi > c_lo, else empty.
+    """
+    n_k = kbar_BHKD.shape[2]
+    q = q_BQbHD.astype(jnp.float32)
+    kbar = kbar_BHKD.astype(jnp.float32)
+
+    def score(c_lo, c_hi):  # chunks [B, H, nQ, C] -> [B, H, nQ, C]
+        centre = jnp.clip((c_lo + c_hi - 1) // 2, 0, n_k - 1)
+        rep = jax.vmap(jax.vmap(lambda kb, c: kb[c]))(kbar, centre)  # [B, H, nQ, C, D]
+        s = jnp.einsum("bqihd,bhqcd->bhqci", q, rep)
+        s = jnp.where(q_valid_Qb[None, None, :, None, :], s, -jnp.inf).max(-1)
+        return jnp.where(c_hi > c_lo, s, -jnp.inf)
+
+    k = budget
+    lo, hi = lo_BHQ, hi_BHQ
+    edges = lo[..., None] + ((hi - lo)[..., None] * jnp.arange(2 * k + 1)) // (2 * k)
+    c_lo, c_hi = edges[..., :-1], edges[..., 1:]  # 2k chunks
+    rounds = max(1, math.ceil(math.log2(max(n_k / (2 * k), 1)))) + 1
+    for _ in range(rounds):
+        _, keep = jax.lax.top_k(score(c_lo, c_hi), k)
+        c_lo = jnp.take_along_axis(c_lo, keep, -1)
+        c_hi = jnp.take_along_axis(c_hi, keep, -1)
+        mid = (c_lo + c_hi + 1) // 2  # halves [lo, mid), [mid, hi); a single block stays whole
+        c_lo = jnp.concatenate([c_lo, mid], -1)
+        c_hi = jnp.concatenate([mid, c_hi], -1)
+    _, keep = jax.lax.top_k(score(c_lo, c_hi), k)
+    return jnp.take_along_axis(c_lo, keep, -1), jnp.take_along_axis(c_hi, keep, -1)
+

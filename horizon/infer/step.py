@@ -12,7 +12,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from horizon.attention.rope import apply_rope, rope_for_positions
 from horizon.errors import ConfigError, ShapeError
 from horizon.infer import cache as kv
 from kernels.sparse_decode import decode_attend
@@ -61,21 +60,6 @@ def check_caches(model, caches) -> None:
 # ------------------------------------------------------------------------------------ pieces
 
 
-def _project(mixer, x_BTM):
-    """(q [B, T, H, D], k [B, T, G, D], v [B, T, G, D]) before RoPE, as AttentionMixer computes them."""
-    cfg = mixer.cfg
-    B, T, _ = x_BTM.shape
-    H, G, D = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-    return (mixer.q(x_BTM).reshape(B, T, H, D), mixer.k(x_BTM).reshape(B, T, G, D),
-            mixer.v(x_BTM).reshape(B, T, G, D))
-
-
-def _rope(mixer, x_BTHD, positions_BT):
-    cfg = mixer.cfg
-    inv_freq, scale = rope_for_positions(cfg.head_dim, cfg.rope_theta, cfg.rope, positions_BT)
-    return apply_rope(x_BTHD, positions_BT, inv_freq, scale)
-
-
 def _mlp(block, x_BTM):
     return x_BTM + block.mlp(block.norm2(x_BTM))
 
@@ -118,9 +102,8 @@ def prefill(model, caches, tokens_BP, lengths_B):
     for block, c in zip(model.layers, caches):
         h = block.norm1(x)
         if block.mixer_name == "attn":
-            y = block.mixer(h, positions_BT=pos_BP, segment_ids_BT=seg_BP)
-            _, k_raw, v = _project(block.mixer, h)
-            k = _rope(block.mixer, k_raw, pos_BP) if kv.stores_rotated(c) else k_raw
+            y, (k_raw, k_rot, v) = block.mixer(h, positions_BT=pos_BP, segment_ids_BT=seg_BP, return_kv=True)
+            k = k_rot if kv.stores_rotated(c) else k_raw
             out.append(kv.fill(c, by_position(k), by_position(v), lengths_B))
         else:
             y, state = block.mixer.prefill(h, segment_ids_BT=seg_BP)
@@ -151,20 +134,20 @@ def _attn_step(mixer, h_BM, c, selector, layer_state, shared, layer):
     """One token's attention output [B, M] and the updated cache / selector state."""
     cfg = mixer.cfg
     B = h_BM.shape[0]
-    q, k_raw, v = _project(mixer, h_BM[:, None])
+    q, k_raw, v = mixer.project(h_BM[:, None])
     if isinstance(c, kv.StreamingCache):
         c = kv.append(c, k_raw[:, 0], v[:, 0])
         slot_pos_BC, q_pos_B = kv.streaming_positions(c)
         # keys rotate at their cache positions every step (StreamingLLM Sec. 3.2)
-        k_rot = _rope(mixer, c.k, slot_pos_BC)
-        q = _rope(mixer, q, q_pos_B[:, None])[:, 0]
+        k_rot = mixer.rope(c.k, slot_pos_BC)
+        q = mixer.rope(q, q_pos_B[:, None])[:, 0]
         s = kv.capacity(c)
         out = _attend(mixer, q, k_rot, c.v, jnp.arange(s, dtype=jnp.int32)[None, None],
                       jnp.full((1, 1), s, jnp.int32), lengths_B=jnp.minimum(c.length, s))
     else:
         pos_B1 = c.length[:, None]
-        q = _rope(mixer, q, pos_B1)[:, 0]
-        c = kv.append(c, _rope(mixer, k_raw, pos_B1)[:, 0], v[:, 0])
+        q = mixer.rope(q, pos_B1)[:, 0]
+        c = kv.append(c, mixer.rope(k_raw, pos_B1)[:, 0], v[:, 0])
         if isinstance(c, kv.EmaSinkCache):
             idx, counts = kv.ema_visible(c)
             out = _attend(mixer, q, c.k, c.v, idx, counts)
@@ -224,9 +207,9 @@ def extend(model, caches, tokens_BT):
             m = block.mixer
             cfg = m.cfg
             pos_BT = c.length[:, None] + jnp.arange(T, dtype=jnp.int32)
-            q, k_raw, v = _project(m, h)
-            q = _rope(m, q, pos_BT)
-            k = _rope(m, k_raw, pos_BT)
+            q, k_raw, v = m.project(h)
+            q = m.rope(q, pos_BT)
+            k = m.rope(k_raw, pos_BT)
             for t in range(T):  # appends are cheap; the attention below is one vmapped call
                 c = kv.append(c, k[:, t], v[:, t])
             s = kv.capacity(c)

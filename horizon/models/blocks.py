@@ -7,7 +7,6 @@ a mixer is built as `cls(cfg, layer_index=i, rngs=rngs)` and called
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -17,47 +16,18 @@ from horizon.config import Model
 from horizon.layers.linear import Linear
 from horizon.layers.mlp import SwiGLU
 from horizon.layers.norm import RMSNorm
+from horizon.quant.assign import (
+    ATTN_GEMM_OFFSET,
+    MLP_GEMM_OFFSET,
+    MLP_LINEARS,
+    gemm_id,
+    linear_recipe,
+)
 from horizon.train.sharding import constrain
 
 
 def compute_dtype(cfg: Model):
     return jnp.dtype(cfg.compute_dtype)
-
-
-ATTN_LINEARS = ("q", "k", "v", "o")
-MLP_LINEARS = ("gate", "up", "down")
-
-
-def linear_paths(cfg: Model) -> list[str]:
-    """The module path of every quantizable linear layer ("layers/3/attn/q"), as recipes match them."""
-    paths = []
-    for i, mixer in enumerate(cfg.mixers):
-        if mixer == "attn":
-            paths += [f"layers/{i}/attn/{n}" for n in ATTN_LINEARS]
-        paths += [f"layers/{i}/mlp/{n}" for n in MLP_LINEARS]
-    return paths
-
-
-def linear_recipe(cfg: Model, *, layer_index: int, path: str):
-    """The quantization treatment of the linear layer at `path` ("layers/3/attn/q") in block
-    `layer_index`: a horizon.quant LinearRecipe, or None for high precision.
-
-    With `quant.high_precision_from` set, the model is built twice (horizon.train.loop): with the
-    configured fraction (early phase) and with 0.0 (the late, high-precision phase, NVFP4 paper
-    app. D), so the recipe is resolved at a fixed (step 0 of 1).
-    """
-    if cfg.quant.recipe == "bf16":
-        return None
-    import dataclasses
-
-    from horizon.quant.recipe import get_recipe, resolve
-
-    recipe = get_recipe(cfg.quant.recipe)
-    if cfg.quant.high_precision_from is None:
-        return resolve(recipe, layer_index=layer_index, n_layers=cfg.n_layers, path=path)
-    recipe = dataclasses.replace(recipe, high_precision_from=cfg.quant.high_precision_from,
-                                 high_precision_scope=cfg.quant.high_precision_scope)
-    return resolve(recipe, layer_index=layer_index, n_layers=cfg.n_layers, path=path, step=0, total_steps=1)
 
 
 class AttentionMixer(nnx.Module):
@@ -71,7 +41,7 @@ class AttentionMixer(nnx.Module):
         def lin(d_in, d_out, axes, name, std, gid):
             recipe = linear_recipe(cfg, layer_index=layer_index, path=f"layers/{layer_index}/attn/{name}")
             return Linear(d_in, d_out, axes=axes, std=std, rngs=rngs, recipe=recipe,
-                          gemm_id=layer_index * 16 + gid, compute_dtype=dt)
+                          gemm_id=gemm_id(layer_index, ATTN_GEMM_OFFSET + gid), compute_dtype=dt)
 
         self.q = lin(M, H * D, ("embed", "heads"), "q", cfg.init_std, 0)
         self.k = lin(M, G * D, ("embed", "kv_heads"), "k", cfg.init_std, 1)
@@ -80,20 +50,40 @@ class AttentionMixer(nnx.Module):
         self.cfg = cfg
         self.layer_index = layer_index
 
-    def __call__(self, x_BTM, *, positions_BT, segment_ids_BT, quant_key=None):
+    def project(self, x_BTM, *, quant_key=None):
+        """(q [B, T, H, D], k [B, T, G, D], v [B, T, G, D]) before RoPE."""
         cfg = self.cfg
         B, T, _ = x_BTM.shape
         H, G, D = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        # cfg.rope scaling "none" gives inverse_frequencies(D, theta) and scale 1 (plain RoPE)
-        inv_freq, scale = rope_for_positions(D, cfg.rope_theta, cfg.rope, positions_BT)
-        q_BTHD = apply_rope(self.q(x_BTM, quant_key=quant_key).reshape(B, T, H, D), positions_BT, inv_freq, scale)
-        k_BTGD = apply_rope(self.k(x_BTM, quant_key=quant_key).reshape(B, T, G, D), positions_BT, inv_freq, scale)
-        v_BTGD = self.v(x_BTM, quant_key=quant_key).reshape(B, T, G, D)
+        return (self.q(x_BTM, quant_key=quant_key).reshape(B, T, H, D),
+                self.k(x_BTM, quant_key=quant_key).reshape(B, T, G, D),
+                self.v(x_BTM, quant_key=quant_key).reshape(B, T, G, D))
+
+    def rope_tables(self, positions_BT):
+        """(inverse frequencies [D/2], attention scale) of this layer's RoPE at these positions;
+        cfg.rope scaling "none" gives inverse_frequencies(D, theta) and scale 1 (plain RoPE)."""
+        cfg = self.cfg
+        return rope_for_positions(cfg.head_dim, cfg.rope_theta, cfg.rope, positions_BT)
+
+    def rope(self, x_BTXD, positions_BT):
+        """x rotated at positions_BT (queries or keys; X heads)."""
+        return apply_rope(x_BTXD, positions_BT, *self.rope_tables(positions_BT))
+
+    def __call__(self, x_BTM, *, positions_BT, segment_ids_BT, quant_key=None, return_kv: bool = False):
+        """Attention output [B, T, M]; with return_kv also (k before RoPE, k after RoPE, v), which
+        horizon.infer's prefill writes into its caches."""
+        cfg = self.cfg
+        B, T, _ = x_BTM.shape
+        q_BTHD, k_raw_BTGD, v_BTGD = self.project(x_BTM, quant_key=quant_key)
+        inv_freq, scale = self.rope_tables(positions_BT)
+        q_BTHD = apply_rope(q_BTHD, positions_BT, inv_freq, scale)
+        k_BTGD = apply_rope(k_raw_BTGD, positions_BT, inv_freq, scale)
         q_BTHD = constrain(q_BTHD, ("batch", "length", "heads", "head_dim"))
         out_BTHD = attend(q_BTHD, k_BTGD, v_BTGD, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT,
                           cfg=cfg.attention, layer_index=self.layer_index, n_layers=cfg.n_layers,
                           rope_inv_freq=inv_freq)
-        return self.o(out_BTHD.reshape(B, T, H * D), quant_key=quant_key)
+        y_BTM = self.o(out_BTHD.reshape(B, T, cfg.n_heads * cfg.head_dim), quant_key=quant_key)
+        return (y_BTM, (k_raw_BTGD, k_BTGD, v_BTGD)) if return_kv else y_BTM
 
 
 def _ssd_mixer():
@@ -117,12 +107,10 @@ class Block(nnx.Module):
         recipes = tuple(linear_recipe(cfg, layer_index=layer_index, path=f"layers/{layer_index}/mlp/{n}")
                         for n in MLP_LINEARS)
         self.mlp = SwiGLU(cfg.d_model, cfg.d_ff, std=cfg.init_std, rngs=rngs, recipes=recipes,
-                          gemm_base=layer_index * 16 + 8, compute_dtype=compute_dtype(cfg))
+                          gemm_base=gemm_id(layer_index, MLP_GEMM_OFFSET), compute_dtype=compute_dtype(cfg))
 
     def __call__(self, x_BTM, *, positions_BT, segment_ids_BT, quant_key=None):
-        kw = dict(positions_BT=positions_BT, segment_ids_BT=segment_ids_BT)
-        if self.mixer_name == "attn":
-            kw["quant_key"] = quant_key
-        x_BTM = x_BTM + self.mixer(self.norm1(x_BTM), **kw)
+        x_BTM = x_BTM + self.mixer(self.norm1(x_BTM), positions_BT=positions_BT, segment_ids_BT=segment_ids_BT,
+                                   quant_key=quant_key)
         x_BTM = constrain(x_BTM, ("batch", "length", "embed"))
         return x_BTM + self.mlp(self.norm2(x_BTM), quant_key=quant_key)

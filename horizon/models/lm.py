@@ -10,8 +10,9 @@ from horizon.config import Model
 from horizon.layers.embed import Embed
 from horizon.layers.linear import Linear
 from horizon.layers.norm import RMSNorm
-from horizon.models.blocks import Block, compute_dtype, linear_paths
+from horizon.models.blocks import Block, compute_dtype
 from horizon.models.heads import MTP_CLASSES, HLPHead
+from horizon.quant.assign import linear_paths
 from horizon.train.sharding import constrain
 
 

@@ -2,10 +2,17 @@
 short causal depthwise convolution on x, B, C; the SSD scan (kernels.ssd); gated RMSNorm; output
 projection. Segment ids reset both the convolution window and the SSM state at document
 boundaries. Decoding carries a constant-size cache (conv windows + SSM state).
+
+Quantization: the input projection (z, x, B, C fused into one GEMM, as Mamba-2's in_proj) and the
+output projection follow the model's quant recipe under the paths "layers/{i}/ssm/in" and
+"layers/{i}/ssm/out" (horizon.quant.assign), through horizon.quant.quantized_dot. The dt projection
+stays high precision: it has one column per head (too narrow for 16-element blocks) and its error
+is exponentiated through exp(dt A) and compounded along the sequence.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import NamedTuple
 
@@ -16,6 +23,7 @@ from flax import nnx
 from horizon.config import Model
 from horizon.errors import ConfigError, ShapeError
 from horizon.layers.params import constant, normal, param
+from horizon.quant.assign import SSM_GEMM_OFFSET, gemm_id, linear_recipe
 from horizon.ssm.longmamba import SOW_NAME, LongMambaLayer, filter_dt
 from horizon.train.sharding import constrain
 from kernels.ssd import ssd
@@ -23,6 +31,14 @@ from kernels.ssd.reference import segment_resets
 
 _F32 = jnp.float32
 _HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _qdot(x, w_KN, recipe, quant_key, gemm_id_):
+    """x @ w_KN through horizon.quant.quantized_dot with the layer's key, as horizon.layers.Linear."""
+    from horizon.quant.dot import quantized_dot  # quantization is optional machinery
+
+    key = jax.random.PRNGKey(0) if quant_key is None else quant_key
+    return quantized_dot(x, w_KN, recipe, jax.random.fold_in(key, gemm_id_))
 
 
 class Mamba2Cache(NamedTuple):
@@ -115,6 +131,11 @@ class Mamba2(nnx.Module):
         self.implementation = implementation
         self.longmamba: LongMambaLayer | None = None
         self.collect_dt = False  # set by longmamba.calibrate: sow dt as an nnx.Intermediate
+        # Static quantization treatment (a horizon.quant LinearRecipe, or None: high precision).
+        self.in_recipe = linear_recipe(cfg, layer_index=layer_index, path=f"layers/{layer_index}/ssm/in")
+        self.out_recipe = linear_recipe(cfg, layer_index=layer_index, path=f"layers/{layer_index}/ssm/out")
+        self.in_gemm_id = gemm_id(layer_index, SSM_GEMM_OFFSET)
+        self.out_gemm_id = gemm_id(layer_index, SSM_GEMM_OFFSET + 1)
 
         GN, W = s.n_groups * s.state_size, s.conv_width
         std = cfg.init_std
@@ -144,23 +165,32 @@ class Mamba2(nnx.Module):
         """Per-head decay rates A = -exp(A_log) [H], negative."""
         return -jnp.exp(self.A_log[...].astype(_F32))
 
-    def _project(self, x_xM):
+    def _project(self, x_xM, quant_key=None):
         cdt = self.compute_dtype
         x = x_xM.astype(cdt)
-        return tuple(jnp.einsum("...m,mk->...k", x, w[...].astype(cdt))
-                     for w in (self.w_z, self.w_x, self.w_B, self.w_C, self.w_dt))
+        dt_raw = jnp.einsum("...m,mk->...k", x, self.w_dt[...].astype(cdt))
+        if self.in_recipe is None:
+            return (*(jnp.einsum("...m,mk->...k", x, w[...].astype(cdt))
+                      for w in (self.w_z, self.w_x, self.w_B, self.w_C)), dt_raw)
+        # One quantized GEMM over [z | x | B | C], as Mamba-2's fused in_proj; split after.
+        ws = [w[...] for w in (self.w_z, self.w_x, self.w_B, self.w_C)]
+        y = _qdot(x, jnp.concatenate(ws, axis=1), self.in_recipe, quant_key, self.in_gemm_id).astype(cdt)
+        splits = list(itertools.accumulate(w.shape[1] for w in ws[:-1]))
+        return (*jnp.split(y, splits, axis=-1), dt_raw)
 
     def _dt(self, dt_raw):
         return jax.nn.softplus(dt_raw.astype(_F32) + self.dt_bias[...].astype(_F32))
 
-    def _gated_norm_out(self, y_xI, z_xI):
+    def _gated_norm_out(self, y_xI, z_xI, quant_key=None):
         # RMSNormGated(norm_before_gate=False), grouped by n_groups as in Mamba-2.
         g = y_xI.astype(_F32) * jax.nn.silu(z_xI.astype(_F32))
         g = g.reshape(*g.shape[:-1], self.n_groups, self.inner // self.n_groups)
         g = g * jax.lax.rsqrt(jnp.mean(g * g, axis=-1, keepdims=True) + self.norm_eps)
         g = g.reshape(*g.shape[:-2], self.inner) * self.norm[...].astype(_F32)
         cdt = self.compute_dtype
-        return jnp.einsum("...i,im->...m", g.astype(cdt), self.w_out[...].astype(cdt))
+        if self.out_recipe is None:
+            return jnp.einsum("...i,im->...m", g.astype(cdt), self.w_out[...].astype(cdt))
+        return _qdot(g.astype(cdt), self.w_out[...], self.out_recipe, quant_key, self.out_gemm_id).astype(cdt)
 
     def _longmamba(self, override):
         return self.longmamba if override is None else override
@@ -179,13 +209,14 @@ class Mamba2(nnx.Module):
         )
 
     def __call__(self, x_BTM, *, positions_BT=None, segment_ids_BT=None,
-                 longmamba: LongMambaLayer | None = None):
-        """y [B, T, M] for x [B, T, M]; positions are unused (the SSM is position-free)."""
+                 longmamba: LongMambaLayer | None = None, quant_key=None):
+        """y [B, T, M] for x [B, T, M]; positions are unused (the SSM is position-free).
+        quant_key: the step's key for stochastic rounding in quantized projections (as Linear)."""
         del positions_BT
-        return self.prefill(x_BTM, segment_ids_BT=segment_ids_BT, longmamba=longmamba)[0]
+        return self.prefill(x_BTM, segment_ids_BT=segment_ids_BT, longmamba=longmamba, quant_key=quant_key)[0]
 
     def prefill(self, x_BTM, *, segment_ids_BT=None, cache: Mamba2Cache | None = None,
-                longmamba: LongMambaLayer | None = None) -> tuple[jax.Array, Mamba2Cache]:
+                longmamba: LongMambaLayer | None = None, quant_key=None) -> tuple[jax.Array, Mamba2Cache]:
         """Parallel (chunked) form from `cache` (None: zeros). Returns (y [B, T, M], next cache).
 
         The cache flows into the first segment of the row; later segments start from zero."""
@@ -199,7 +230,7 @@ class Mamba2(nnx.Module):
         H, P, G, N = self.n_heads, self.head_dim, self.n_groups, self.state_size
         cdt = self.compute_dtype
 
-        z, xi, Bi, Ci, dt_raw = self._project(x_BTM)
+        z, xi, Bi, Ci, dt_raw = self._project(x_BTM, quant_key)
         doc_BT = document_ids(segment_ids_BT)
         convs = []
         for u, w, b, state in ((xi, self.conv_x, self.conv_x_bias, cache.conv_x),
@@ -222,11 +253,11 @@ class Mamba2(nnx.Module):
             Bc.reshape(batch, T, G, N), Cc.reshape(batch, T, G, N), D=self.D[...].astype(_F32),
             initial_state=None if fresh else cache.ssm, segment_ids=segment_ids_BT,
             chunk=self.chunk, implementation=self.implementation)
-        y_BTM = self._gated_norm_out(y_BTHP.reshape(batch, T, self.inner), z)
+        y_BTM = self._gated_norm_out(y_BTHP.reshape(batch, T, self.inner), z, quant_key)
         next_cache = Mamba2Cache(conv_x, conv_B, conv_C, ssm_state, cache.length + T)
         return y_BTM.astype(x_BTM.dtype), next_cache
 
-    def step(self, x_BM, cache: Mamba2Cache, *, longmamba: LongMambaLayer | None = None
+    def step(self, x_BM, cache: Mamba2Cache, *, longmamba: LongMambaLayer | None = None, quant_key=None
              ) -> tuple[jax.Array, Mamba2Cache]:
         """One decoding step: (y [B, M], next cache) for x [B, M] — the recurrence h_t =
         exp(dt A) h_{t-1} + dt x B^T, y = C h + D x with the conv window carried in the cache."""
@@ -235,7 +266,7 @@ class Mamba2(nnx.Module):
         batch = x_BM.shape[0]
         H, P, G, N = self.n_heads, self.head_dim, self.n_groups, self.state_size
         cdt = self.compute_dtype
-        z, xi, Bi, Ci, dt_raw = self._project(x_BM)
+        z, xi, Bi, Ci, dt_raw = self._project(x_BM, quant_key)
         convs = []
         for u, w, b, state in ((xi, self.conv_x, self.conv_x_bias, cache.conv_x),
                                (Bi, self.conv_B, self.conv_B_bias, cache.conv_B),
@@ -261,6 +292,6 @@ class Mamba2(nnx.Module):
                   + (dt_BH[..., None] * x_BHP)[..., None] * B_BHN[:, :, None, :])
         y_BHP = jnp.einsum("bhpn,bhn->bhp", h_BHPN, C_BHN, precision=_HIGHEST)
         y_BHP = y_BHP + self.D[...].astype(_F32)[:, None] * x_BHP
-        y_BM = self._gated_norm_out(y_BHP.reshape(batch, self.inner), z)
+        y_BM = self._gated_norm_out(y_BHP.reshape(batch, self.inner), z, quant_key)
         next_cache = Mamba2Cache(conv_x, conv_B, conv_C, h_BHPN, cache.length + 1)
         return y_BM.astype(x_BM.dtype), next_cache

@@ -67,7 +67,7 @@ def test_rules_match_the_model_without_warnings_and_a_dead_rule_warns():
 
     import pytest
 
-    from horizon.models.blocks import linear_paths
+    from horizon.quant.assign import linear_paths
     from horizon.quant.recipe import KeepRule, QuantRecipe, check_rules, get_recipe
 
     cfg = _cfg("nvfp4")

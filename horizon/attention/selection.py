@@ -304,3 +304,27 @@ def block_means(x_BSGD, block: int):
     xp = jnp.pad(x_BSGD.astype(jnp.float32), [(0, 0), (0, nk * block - s), (0, 0), (0, 0)])
     n = np.minimum(block, s - np.arange(nk) * block).astype(np.float32)
     return xp.reshape(b, nk, block, *x_BSGD.shape[2:]).sum(2) / n[None, :, None, None]
+
+
+def attention_flop_fraction(sel: Selection):
+    """Fraction of dense causal attention's FLOPs that `sel` spends: mean over batch rows and heads
+    of (live block pairs, main and extra) / (causal block pairs).
+
+    Each live (query block, key block) pair costs the kernel one block_q x block_k tile of QK^T and
+    PV whether or not its element mask keeps every entry, so block pairs, not element pairs, are
+    what a policy spends; an extra block (sinks, EMA sinks, CCA core tokens) is a tile like any
+    other. The denominator counts the pairs of the dense causal Selection on the same positions:
+    blocks holding at least one (query, key) element pair of one document with the key not after
+    the query. Self-attention only (queries and keys index the same sequence). Returns a float32
+    scalar (numpy for static tables, jax for traced ones).
+    """
+    if sel.q_positions.shape[-1] != sel.k_positions.shape[-1]:
+        raise ShapeError(
+            f"attention_flop_fraction: queries ({sel.q_positions.shape[-1]}) and keys "
+            f"({sel.k_positions.shape[-1]}) differ in length; it measures self-attention only"
+        )
+    xp = xp_of(sel.kv_blocks, sel.counts, sel.q_positions, sel.q_segment_ids)
+    causal, _ = reachable(sel.q_positions, sel.q_segment_ids, block_q=sel.block_q, block_k=sel.block_k)
+    causal_pairs = causal.sum((-1, -2)).astype(np.float32)  # [Bp]
+    live_pairs = sel.counts.sum(-1).astype(np.float32)  # [Bs, Hs]
+    return xp.mean(live_pairs / causal_pairs[:, None]).astype(np.float32)

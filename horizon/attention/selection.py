@@ -157,6 +157,13 @@ def reachable_blocks(
     return xp.asarray(any_), xp.asarray(all_)
 
 
+def build_self(positions_BT, segment_ids_BT, *, block_q: int, block_k: int, causal: bool = True,
+               **kw) -> Selection:
+    """`build` for self-attention: queries and keys are the same tokens (every policy's case)."""
+    return build(q_positions=positions_BT, k_positions=positions_BT, q_segment_ids=segment_ids_BT,
+                 k_segment_ids=segment_ids_BT, block_q=block_q, block_k=block_k, causal=causal, **kw)
+
+
 def build(
     *,
     q_positions,

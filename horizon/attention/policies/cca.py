@@ -13,7 +13,7 @@ import numpy as np
 from horizon.attention.selection import (
     Selection,
     as_positions,
-    build,
+    build_self,
     is_static,
     window_block_bound,
     xp_of,
@@ -79,11 +79,9 @@ def cca(
     bound = None
     if not is_static(pos, seg):
         bound = window_block_bound(window, block_q, block_k) + math.ceil(n_g / block_k) + 1
-    return build(
-        q_positions=pos,
-        k_positions=pos,
-        q_segment_ids=seg,
-        k_segment_ids=seg,
+    return build_self(
+        pos,
+        seg,
         block_q=block_q,
         block_k=block_k,
         causal=True,

@@ -3,17 +3,15 @@ Attention Is All You Need, 2017), with document masking when segment ids are giv
 
 from __future__ import annotations
 
-from horizon.attention.selection import Selection, as_positions, build
+from horizon.attention.selection import Selection, as_positions, build_self
 
 
 def dense_causal(positions, segment_ids=None, *, block_q: int = 64, block_k: int = 64) -> Selection:
     """positions: [B, T] int (or an int T for 0..T-1); segment_ids: [B, T] or None."""
     pos, seg = as_positions(positions, segment_ids)
-    return build(
-        q_positions=pos,
-        k_positions=pos,
-        q_segment_ids=seg,
-        k_segment_ids=seg,
+    return build_self(
+        pos,
+        seg,
         block_q=block_q,
         block_k=block_k,
         causal=True,

@@ -11,7 +11,7 @@ import numpy as np
 from horizon.attention.selection import (
     Selection,
     as_positions,
-    build,
+    build_self,
     first_row_values,
     is_static,
     window_block_bound,
@@ -70,11 +70,9 @@ def ema_sink(
     bound = None
     if not is_static(pos, seg):
         bound = window_block_bound(window, block_q, block_k) + 2
-    return build(
-        q_positions=pos,
-        k_positions=pos,
-        q_segment_ids=seg,
-        k_segment_ids=seg,
+    return build_self(
+        pos,
+        seg,
         block_q=block_q,
         block_k=block_k,
         causal=True,

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from horizon.attention.selection import Selection, as_positions, block_means, build, reachable
+from horizon.attention.selection import Selection, as_positions, block_means, build_self, reachable
 from horizon.errors import ConfigError, ShapeError
 
 
@@ -76,11 +76,9 @@ def hip(
         -2
     )
     structure = (picked & cand[:, None]) | forced[:, None]  # [B, H, nQ, nK]
-    return build(
-        q_positions=pos,
-        k_positions=pos,
-        q_segment_ids=seg,
-        k_segment_ids=seg,
+    return build_self(
+        pos,
+        seg,
         block_q=block_q,
         block_k=block_k,
         causal=True,

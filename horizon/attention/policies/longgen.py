@@ -12,7 +12,7 @@ import numpy as np
 from horizon.attention.selection import (
     Selection,
     as_positions,
-    build,
+    build_self,
     is_static,
     n_blocks,
     reachable,
@@ -51,17 +51,9 @@ def longgen(
             f"longgen: stride={stride}, local_blocks={local_blocks} must be positive, sink_blocks={sink_blocks} >= 0"
         )
     pos, seg = as_positions(positions, segment_ids)
-    common = {
-        "q_positions": pos,
-        "k_positions": pos,
-        "q_segment_ids": seg,
-        "k_segment_ids": seg,
-        "block_q": block_q,
-        "block_k": block_k,
-        "causal": True,
-    }
+    common = {"block_q": block_q, "block_k": block_k}
     if layer in full_layers(n_layers):
-        return build(**common)
+        return build_self(pos, seg, **common)
     xp = xp_of(pos, seg)
     any_, _ = reachable(pos, seg, block_q=block_q, block_k=block_k)  # [Bs, nQ, nK]
     n_k = any_.shape[-1]
@@ -73,4 +65,4 @@ def longgen(
     bound = None
     if not is_static(pos, seg):
         bound = local_blocks + sink_blocks + math.ceil(n_blocks(pos.shape[1], block_k) / stride) + 1
-    return build(**common, structure=(structure & any_)[:, None], max_blocks=bound)
+    return build_self(pos, seg, **common, structure=(structure & any_)[:, None], max_blocks=bound)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from horizon.attention.selection import Selection, as_positions, block_means, build, reachable
+from horizon.attention.selection import Selection, as_positions, block_means, build_self, reachable
 from horizon.errors import ConfigError, ShapeError
 
 
@@ -84,11 +84,9 @@ def longheads(
         j = jnp.arange(n_k)
         # Block j moves to slot first_local - m + rank: a shift of that many blocks (>= 0).
         shift = jnp.where(far, (first_local - m + rank - j) * block_k, 0).astype(jnp.int32)
-    return build(
-        q_positions=pos,
-        k_positions=pos,
-        q_segment_ids=seg,
-        k_segment_ids=seg,
+    return build_self(
+        pos,
+        seg,
         block_q=block_q,
         block_k=block_k,
         causal=True,

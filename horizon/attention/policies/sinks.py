@@ -10,7 +10,7 @@ from horizon.attention.selection import (
     Selection,
     as_positions,
     block_stats,
-    build,
+    build_self,
     first_row_values,
     is_static,
     sink_block_bound,
@@ -52,11 +52,9 @@ def sinks(
         out_of_window = ks.pos_max[:, None, :] < p0 - window + 1
         is_sink = ks.pos_min[:, None, :] < n_sinks
         shift = xp.where(out_of_window & is_sink, p0 - window, 0).astype(np.int32)[:, None]
-    return build(
-        q_positions=pos,
-        k_positions=pos,
-        q_segment_ids=seg,
-        k_segment_ids=seg,
+    return build_self(
+        pos,
+        seg,
         block_q=block_q,
         block_k=block_k,
         causal=True,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from horizon.attention.selection import (
     Selection,
     as_positions,
-    build,
+    build_self,
     is_static,
     window_block_bound,
 )
@@ -21,11 +21,9 @@ def sliding_window(
         raise ConfigError(f"sliding_window: window={window} must be positive")
     pos, seg = as_positions(positions, segment_ids)
     bound = None if is_static(pos, seg) else window_block_bound(window, block_q, block_k)
-    return build(
-        q_positions=pos,
-        k_positions=pos,
-        q_segment_ids=seg,
-        k_segment_ids=seg,
+    return build_self(
+        pos,
+        seg,
         block_q=block_q,
         block_k=block_k,
         causal=True,

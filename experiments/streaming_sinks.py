@@ -35,7 +35,7 @@ from horizon.eval.tasks import NOISE, passkey
 from horizon.infer import selectors
 from horizon.infer import step as steps
 from horizon.infer.cache import cache_bytes
-from horizon.infer.full_selector import get_selector
+from horizon.infer.selectors import get_selector
 
 CONFIG = Experiment(
     name="streaming_sinks",

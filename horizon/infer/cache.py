@@ -197,6 +197,24 @@ def append(cache: KVCache, k_BGD, v_BGD) -> KVCache:
     return EmaSinkCache(outs[0], outs[1], pos + 1, n_sinks=n, alpha=a)
 
 
+def append_many(cache: KVCache, k_BTGD, v_BTGD) -> KVCache:
+    """A full or paged cache with T more tokens per row, at positions length .. length + T - 1, in
+    one scatter (streaming caches evict as they go: append them one token at a time)."""
+    if not isinstance(cache, (FullCache, PagedCache)):
+        raise ShapeError(f"append_many: {type(cache).__name__} evicts as it goes; use append per token")
+    b, t = k_BTGD.shape[:2]
+    s = capacity(cache)
+    slot = cache.length[:, None] + jnp.arange(t, dtype=jnp.int32)
+    slot = jnp.where(slot < s, slot, s)  # what does not fit is dropped (callers check first)
+    k = cache.k.at[_rows(b), slot].set(k_BTGD.astype(cache.k.dtype), mode="drop")
+    v = cache.v.at[_rows(b), slot].set(v_BTGD.astype(cache.v.dtype), mode="drop")
+    length = cache.length + t
+    if isinstance(cache, FullCache):
+        return FullCache(k, v, length)
+    return _with_summaries(PagedCache(k, v, length, cache.k_mean, cache.k_min, cache.k_max,
+                                      page_size=cache.page_size))
+
+
 def with_length(cache: KVCache, length_B) -> KVCache:
     """A full cache cut back to `length_B` tokens (speculative decoding's rollback: later slots are
     masked and overwritten)."""

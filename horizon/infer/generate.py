@@ -18,8 +18,8 @@ from horizon.config import Decode
 from horizon.errors import ConfigError, ShapeError
 from horizon.infer import step as steps
 from horizon.infer.cache import cache_bytes
-from horizon.infer.full_selector import get_selector
 from horizon.infer.sampling import sample_token
+from horizon.infer.selectors import get_selector
 
 
 class Generation(NamedTuple):

@@ -24,9 +24,9 @@ from horizon.config import Decode
 from horizon.errors import ConfigError
 from horizon.infer import cache as kv
 from horizon.infer import step as steps
-from horizon.infer.full_selector import get_selector
 from horizon.infer.generate import to_left_padded
 from horizon.infer.sampling import draw, token_probs
+from horizon.infer.selectors import get_selector
 
 
 def acceptance_prob(p_V: jax.Array, q_V: jax.Array, x) -> jax.Array:

@@ -187,7 +187,7 @@ def extend(model, caches, tokens_BT):
     """
     check_caches(model, caches)
     if any(isinstance(c, (kv.StreamingCache, kv.EmaSinkCache)) for c in caches):
-        from horizon.infer.full_selector import get_selector
+        from horizon.infer.selectors import get_selector
 
         sel = get_selector("full")
         states = [None] * len(caches)
@@ -210,8 +210,7 @@ def extend(model, caches, tokens_BT):
             q, k_raw, v = m.project(h)
             q = m.rope(q, pos_BT)
             k = m.rope(k_raw, pos_BT)
-            for t in range(T):  # appends are cheap; the attention below is one vmapped call
-                c = kv.append(c, k[:, t], v[:, t])
+            c = kv.append_many(c, k, v)
             s = kv.capacity(c)
 
             def one(q_BHD, len_B, c=c, m=m, s=s):

@@ -12,7 +12,7 @@ from flax import nnx
 
 from horizon.config import Model
 from horizon.infer import cache as kv
-from horizon.infer.full_selector import get_selector
+from horizon.infer.selectors import get_selector
 from horizon.infer.step import _attn_step
 from horizon.models.blocks import AttentionMixer
 
@@ -153,3 +153,20 @@ def test_cache_bytes_are_the_sum_of_leaf_nbytes(kind):
     if kind == "paged":
         want += 3 * (3 * 2 * 2 * 4 * 4)  # mean, min, max per page in fp32
     assert kv.cache_bytes(c) == want == sum(x.nbytes for x in jax.tree.leaves(c))
+
+
+@pytest.mark.parametrize("kind", ["full", "paged"])
+def test_append_many_equals_token_by_token_appends(kind):
+    rng = np.random.default_rng(3)
+    T, cap = 5, 16
+    start = kv.fill(kv.init_cache(kind, batch=B, capacity=cap, kv_heads=G, head_dim=D, page_size=4),
+                    jnp.asarray(rng.normal(size=(B, 6, G, D)), jnp.float32),
+                    jnp.asarray(rng.normal(size=(B, 6, G, D)), jnp.float32), jnp.asarray([6, 3], jnp.int32))
+    k = jnp.asarray(rng.normal(size=(B, T, G, D)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(B, T, G, D)), jnp.float32)
+    many = kv.append_many(start, k, v)
+    one = start
+    for t in range(T):
+        one = kv.append(one, k[:, t], v[:, t])
+    for got, want in zip(jax.tree.leaves(many), jax.tree.leaves(one)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)

@@ -31,7 +31,7 @@ def test_full_cache_step_and_extend_logits_equal_the_full_forward(model):
         m = nnx.merge(graphdef, state)
         caches = steps.init_caches(m, Decode(), batch=1, capacity=16)
         _, caches = steps.prefill(m, caches, jnp.asarray(row[None, :P]), jnp.asarray([P]))
-        from horizon.infer.full_selector import get_selector
+        from horizon.infer.selectors import get_selector
 
         step_logits, caches, _ = steps.decode_step(m, caches, jnp.asarray(row[P:P + 1]), get_selector("full"),
                                                    [()] * len(caches))

@@ -56,4 +56,9 @@ def get(name: str):
     return make
 
 
-__all__ = ["SELECTORS", "Full", "HiP", "Squeezed", "TidalDecode", "TokenSelect", "get"]
+def get_selector(name: str = "full", options: dict | None = None):
+    """get(name)(**options): the selector a Decode config names (`decode.policy`, `decode.options`)."""
+    return get(name)(**(options or {}))
+
+
+__all__ = ["SELECTORS", "Full", "HiP", "Squeezed", "TidalDecode", "TokenSelect", "get", "get_selector"]

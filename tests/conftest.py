@@ -27,3 +27,17 @@ def tiny_experiment(**overrides):
 @pytest.fixture
 def tiny():
     return tiny_experiment
+
+
+@pytest.fixture(scope="module")
+def tiny_run_dir(tmp_path_factory):
+    """A run directory trained for one step with a checkpoint (what `horizon eval` / `generate` load)."""
+    from horizon.config import Data, Experiment, Model, Train
+    from horizon.train.loop import train
+
+    d = tmp_path_factory.mktemp("run")
+    cfg = Experiment(name="tiny", model=Model(d_model=16, n_layers=1, n_heads=2), data=Data(seq_len=32, batch_size=8),
+                     train=Train(steps=1, log_every=1, eval_every=1, eval_batches=1, checkpoint_every=1,
+                                 progress=False), run_dir=str(d))
+    train(cfg, log=lambda *_: None)
+    return d

@@ -7,20 +7,13 @@ import sys
 
 import pytest
 
-from horizon.config import Data, Experiment, Model, Train
 from horizon.errors import ConfigError
 from horizon.eval.cli import main
-from horizon.train.loop import train
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("run")
-    cfg = Experiment(name="tiny", model=Model(d_model=16, n_layers=1, n_heads=2), data=Data(seq_len=32, batch_size=8),
-                     train=Train(steps=1, log_every=1, eval_every=1, eval_batches=1, checkpoint_every=1,
-                                 progress=False), run_dir=str(d))
-    train(cfg, log=lambda *_: None)
-    return d
+@pytest.fixture
+def run_dir(tiny_run_dir):
+    return tiny_run_dir
 
 
 def test_eval_writes_results_with_a_rope_override(run_dir):

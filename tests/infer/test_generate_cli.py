@@ -8,22 +8,16 @@ import sys
 import numpy as np
 import pytest
 
-from horizon.config import Data, Decode, Experiment, Model, Train
+from horizon.config import Decode
 from horizon.data.tokenizer import get_tokenizer
 from horizon.infer.cli import main
 from horizon.infer.generate import generate
 from horizon.models import load
-from horizon.train.loop import train
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("run")
-    cfg = Experiment(name="tiny", model=Model(d_model=16, n_layers=1, n_heads=2), data=Data(seq_len=32, batch_size=8),
-                     train=Train(steps=1, log_every=1, eval_every=1, eval_batches=1, checkpoint_every=1,
-                                 progress=False), run_dir=str(d))
-    train(cfg, log=lambda *_: None)
-    return d
+@pytest.fixture
+def run_dir(tiny_run_dir):
+    return tiny_run_dir
 
 
 def test_generate_streams_the_greedy_continuation(run_dir):

@@ -6,6 +6,7 @@ older decoder by full recomputation over a fixed-length buffer (no cache; kept f
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -19,7 +20,7 @@ from horizon.errors import ConfigError, ShapeError
 from horizon.infer import step as steps
 from horizon.infer.cache import cache_bytes
 from horizon.infer.sampling import sample_token
-from horizon.infer.selectors import get_selector
+from horizon.infer.selectors import SELECTORS, get_selector
 
 
 class Generation(NamedTuple):
@@ -69,7 +70,10 @@ class Decoder:
         decode = decode or Decode()
         self.model, self.decode = model, decode
         self.graphdef, self.state = nnx.split(model)
-        self.selector = get_selector(decode.policy, decode.policy_options)
+        options = dict(decode.policy_options)
+        if "n_layers" in inspect.signature(SELECTORS.get(decode.policy, object)).parameters:
+            options.setdefault("n_layers", model.cfg.n_layers)  # depth-dependent defaults (TidalDecode)
+        self.selector = get_selector(decode.policy, options)
         self._start = jax.jit(self._start_fn, static_argnames=("capacity", "max_new"))
         self._run = jax.jit(self._run_fn)
 

@@ -85,3 +85,10 @@ def test_a_streaming_cache_decodes_past_its_size():
     assert g.tokens.shape == (2, 8) and np.all(g.tokens >= 0)
     # constant-size: 2 layers x (k + v) x [2, 6, 2, 8] fp32 + lengths
     assert g.cache_bytes == 2 * (2 * 2 * 6 * 2 * 8 * 4 + 2 * 4)
+
+
+def test_the_decoder_gives_depth_dependent_selectors_the_model_depth():
+    model = tiny_lm()
+    sel = Decoder(model, Decode(policy="tidaldecode", options="budget=8")).selector
+    assert sel.n_layers == model.cfg.n_layers
+    assert Decoder(model, Decode(policy="tidaldecode", options="n_layers=7")).selector.n_layers == 7

@@ -391,3 +391,13 @@ def test_bad_options_raise_horizon_errors():
         selectors.get("hip")(block_k=48).prepare(jnp.zeros((1, 64, 2, 8)), jnp.array([10]))
     with pytest.raises(HorizonError, match="levels"):
         selectors.get("squeezed")(levels=3)
+
+
+def test_tidaldecode_default_layers_leave_a_reusing_layer_in_shallow_stacks():
+    # Every stack of >= 2 layers has at least one layer that reuses the selection (kind "reuse"),
+    # and deep stacks keep the paper's layout: full layers 0-1, selection at 2, correction mid-stack.
+    for n in range(2, 33):
+        sel = selectors.get("tidaldecode")(n_layers=n)
+        kinds = [sel.kind(i) for i in range(n)]
+        assert "reuse" in kinds and kinds.count("select") >= 1, (n, kinds)
+    assert selectors.get("tidaldecode")(n_layers=32).layers == (2, 16)

@@ -31,7 +31,8 @@ class TidalDecode:
     last stored tokens plus sinks and the local window.
 
     selection_layers: default (2,), or (2, n_layers // 2) when n_layers is given (the paper's
-    correction layer in the middle of the stack). Scores are the per-head softmax of q.k summed
+    correction layer in the middle of the stack; stacks of 3 layers or fewer select at layer
+    n_layers - 2). The decoder passes the model's n_layers. Scores are the per-head softmax of q.k summed
     over the query heads of each kv group (one list per kv group, repeated over its heads).
     """
 
@@ -59,9 +60,13 @@ class TidalDecode:
     def layers(self) -> tuple[int, ...]:
         if self.selection_layers is not None:
             return tuple(self.selection_layers)
-        if self.n_layers is not None and self.n_layers // 2 > 2:
-            return (2, self.n_layers // 2)
-        return (2,)
+        if self.n_layers is None:
+            return (2,)
+        # Shallow stacks select earlier so that at least one layer reuses the selection (the
+        # paper's layer 2 would leave a 3-layer model attending fully everywhere).
+        first = max(0, min(2, self.n_layers - 2))
+        mid = self.n_layers // 2
+        return (first, mid) if first < mid < self.n_layers - 1 else (first,)
 
     def kind(self, layer: int) -> str:
         """'full' (before the first selection layer), 'select' or 'reuse'."""

@@ -110,32 +110,24 @@ def answer_matches(argmax, samples: list[Sample], *, batch_size: int = 8) -> tup
 def greedy_decode(model, prompts: list[np.ndarray], *, max_new_tokens: int, stop_token: int | None = None,
                   batch_size: int = 8) -> list[np.ndarray]:
     """Greedy continuations (int32, without the prompt, cut after `stop_token`) of token prompts of any
-    lengths; each step recomputes a fixed [batch, longest prompt + max_new_tokens] buffer."""
-    W = max(len(p) for p in prompts) + max_new_tokens
-    argmax = argmax_fn(model)
+    lengths, through horizon.infer's cached decoder (one prefill, then a lax.while_loop). Every batch
+    is padded to the longest prompt and to `batch_size` rows, so one compilation serves them all."""
+    from horizon.config import Decode
+    from horizon.infer.generate import Decoder
+
+    decoder = Decoder(model, Decode(max_new_tokens=max_new_tokens,
+                                    stop_tokens=() if stop_token is None else (int(stop_token),)))
+    P = max(len(p) for p in prompts)
     outs = []
     for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        buf = np.zeros((batch_size, W), np.int32)
-        lens = np.array([len(p) for p in chunk] + [1] * (batch_size - len(chunk)))
-        for b, p in enumerate(chunk):
-            buf[b, :len(p)] = p
-        done = np.zeros(batch_size, bool)
-        done[len(chunk):] = True
-        gen = [[] for _ in chunk]
-        for _ in range(max_new_tokens):
-            ids = argmax(buf)
-            for b in range(len(chunk)):
-                if done[b]:
-                    continue
-                t = int(ids[b, lens[b] - 1])
-                gen[b].append(t)
-                buf[b, lens[b]] = t
-                lens[b] += 1
-                done[b] = stop_token is not None and t == stop_token
-            if done.all():
-                break
-        outs += [np.array(g, np.int32) for g in gen]
+        chunk = list(prompts[i:i + batch_size])
+        rows = chunk + [chunk[0]] * (batch_size - len(chunk))  # filler rows, dropped below
+        toks = np.zeros((batch_size, P), np.int32)
+        for b, p in enumerate(rows):
+            toks[b, :len(p)] = p
+        lens = np.array([len(p) for p in rows], np.int32)
+        tokens = decoder(toks, lens).tokens  # -1 after a row's stop token
+        outs += [row[row >= 0].astype(np.int32) for row in tokens[:len(chunk)]]
     return outs
 
 

@@ -157,6 +157,13 @@ def reachable_blocks(
     return xp.asarray(any_), xp.asarray(all_)
 
 
+def block_ranks(any_BQK, xp=jnp):
+    """(rank of each reachable key block counted from the newest, from the document start), both 0
+    at the end they count from: what local-window and sink-block rules compare against."""
+    from_end = xp.flip(xp.cumsum(xp.flip(any_BQK, -1), -1), -1) - 1
+    return from_end, xp.cumsum(any_BQK, -1) - 1
+
+
 def build_self(positions_BT, segment_ids_BT, *, block_q: int, block_k: int, causal: bool = True,
                **kw) -> Selection:
     """`build` for self-attention: queries and keys are the same tokens (every policy's case)."""

@@ -12,7 +12,7 @@ import numpy as np
 
 from kernels.dispatch import IMPLEMENTATIONS  # noqa: F401  (re-exported)
 from kernels.dispatch import resolve_implementation as _resolve
-from kernels.errors import KernelInputError
+from kernels.errors import KernelInputError, check_qkv
 from kernels.sparse_attention import pallas_triton
 from kernels.sparse_attention.layout import pack
 from kernels.sparse_attention.masks import rotate_half_matrix
@@ -161,22 +161,7 @@ def _validate(q, k, v, sel, impl, softcap):
             )
     b, t, h, d = _shape(q)
     _, s, g, _ = _shape(k)
-    if _shape(v) != _shape(k):
-        raise KernelInputError(
-            f"{name}: v_BSGD shape {_shape(v)} differs from k_BSGD shape {_shape(k)}"
-        )
-    if k.shape[0] != b or k.shape[3] != d:
-        raise KernelInputError(
-            f"{name}: k_BSGD shape {_shape(k)} does not match q_BTHD {_shape(q)} (batch and head dim must agree)"
-        )
-    if not (q.dtype == k.dtype == v.dtype):
-        raise KernelInputError(
-            f"{name}: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them to one"
-        )
-    if h % g:
-        raise KernelInputError(
-            f"{name}: query heads H={h} are not a multiple of kv heads G={g}; use G dividing H"
-        )
+    check_qkv(name, q, k, v, q_name="q_BTHD", k_name="k_BSGD", v_name="v_BSGD")
     bq, bk = sel.block_q, sel.block_k
     for arg, blk in (("block_q", bq), ("block_k", bk)):
         if not isinstance(blk, (int, np.integer)) or blk <= 0:

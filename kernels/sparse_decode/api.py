@@ -10,7 +10,7 @@ import numpy as np
 
 from kernels.dispatch import IMPLEMENTATIONS  # noqa: F401  (re-exported)
 from kernels.dispatch import resolve_implementation as _resolve
-from kernels.errors import KernelInputError
+from kernels.errors import KernelInputError, check_qkv
 from kernels.sparse_decode import pallas_triton
 from kernels.sparse_decode.reference import decode_reference
 from kernels.sparse_decode.xla import decode_xla
@@ -133,22 +133,7 @@ def _validate(q, k, v, indices, counts, page_size, lengths, softcap, n_splits, c
             raise KernelInputError(f"{name}: {arg} dtype {x.dtype} is not float32, bfloat16 or float16")
     b, h, d = _shape(q)
     _, s, g, _ = _shape(k)
-    if _shape(v) != _shape(k):
-        raise KernelInputError(
-            f"{name}: v_cache_BSGD shape {_shape(v)} differs from k_cache_BSGD shape {_shape(k)}"
-        )
-    if k.shape[0] != b or k.shape[3] != d:
-        raise KernelInputError(
-            f"{name}: k_cache_BSGD shape {_shape(k)} does not match q_BHD {_shape(q)} (batch and head dim must agree)"
-        )
-    if not (q.dtype == k.dtype == v.dtype):
-        raise KernelInputError(
-            f"{name}: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them to one"
-        )
-    if h % g:
-        raise KernelInputError(
-            f"{name}: query heads H={h} are not a multiple of kv heads G={g}; use G dividing H"
-        )
+    check_qkv(name, q, k, v, q_name="q_BHD", k_name="k_cache_BSGD", v_name="v_cache_BSGD")
     if not isinstance(page_size, (int, np.integer)) or page_size <= 0:
         raise KernelInputError(f"{name}: page_size={page_size!r} must be a positive int")
     if s % page_size:

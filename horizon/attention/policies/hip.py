@@ -11,7 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from horizon.attention.selection import Selection, as_positions, block_means, build_self, reachable
+from horizon.attention.selection import (
+    Selection,
+    as_positions,
+    block_means,
+    block_ranks,
+    build_self,
+    reachable,
+)
 from horizon.errors import ConfigError, ShapeError
 
 
@@ -52,8 +59,7 @@ def hip(
     any_, _ = reachable(pos, seg, block_q=block_q, block_k=block_k)  # [Bs, nQ, nK]
     any_ = jnp.asarray(any_)
     n_q, n_k = any_.shape[1:]
-    from_end = jnp.flip(jnp.cumsum(jnp.flip(any_, -1), -1), -1) - 1
-    from_start = jnp.cumsum(any_, -1) - 1
+    from_end, from_start = block_ranks(any_)
     forced = any_ & ((from_end < local_blocks) | (from_start < sink_blocks))
     cand = any_ & ~forced
     # Candidates form one contiguous range [lo, hi) per query block (reachable blocks are).

@@ -12,6 +12,7 @@ import numpy as np
 from horizon.attention.selection import (
     Selection,
     as_positions,
+    block_ranks,
     build_self,
     is_static,
     n_blocks,
@@ -59,8 +60,7 @@ def longgen(
     n_k = any_.shape[-1]
     j = np.arange(n_k, dtype=np.int32)
     # Rank of each reachable block from the newest (0) and from the document start (0).
-    from_end = xp.flip(xp.cumsum(xp.flip(any_, -1), -1), -1) - 1
-    from_start = xp.cumsum(any_, -1) - 1
+    from_end, from_start = block_ranks(any_, xp)
     structure = (from_end < local_blocks) | (from_start < sink_blocks) | (j % stride == stride - 1)
     bound = None
     if not is_static(pos, seg):

@@ -22,3 +22,20 @@ def resolve_implementation(op: str, implementation: str | None, interpret: bool 
             f"{op}: implementation={implementation!r} is unknown; use None, 'pallas', 'xla' or 'reference'"
         )
     return implementation
+
+
+def gpu_capability() -> float | None:
+    """Compute capability of the default GPU (e.g. 9.0), None when the backend is not a GPU, 0.0
+    on GPUs that report none (ROCm)."""
+    if jax.default_backend() != "gpu":
+        return None
+    try:
+        return float(jax.devices()[0].compute_capability)
+    except (AttributeError, ValueError):
+        return 0.0
+
+
+def has_fp8_conversions() -> bool:
+    """True on NVIDIA GPUs with f32 <-> fp8 conversion instructions (sm_89 and newer)."""
+    cc = gpu_capability()
+    return cc is not None and cc >= 8.9

@@ -10,6 +10,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from kernels.dispatch import gpu_capability
 from kernels.errors import KernelInputError
 from kernels.qmatmul import pallas_triton
 from kernels.qmatmul.config import MatmulConfig, pick_matmul_config
@@ -107,16 +108,6 @@ def _validate(a, b) -> None:
         )
 
 
-def _gpu_capability() -> float | None:
-    """Compute capability of the default GPU (e.g. 9.0), None when the backend is not a GPU."""
-    if jax.default_backend() != "gpu":
-        return None
-    try:
-        return float(jax.devices()[0].compute_capability)
-    except (AttributeError, ValueError):  # ROCm devices carry no compute capability
-        return 0.0
-
-
 def _cudnn_ok(a, b) -> bool:
     return (
         isinstance(a, (QTensor, PackedQTensor))
@@ -148,7 +139,7 @@ def _choose(a, b, implementation, interpret) -> str:
         raise KernelInputError(
             f"qmatmul: implementation={implementation!r} is not available; use None, {', '.join(map(repr, IMPLEMENTATIONS))}"
         )
-    cc = _gpu_capability()
+    cc = gpu_capability()
     if implementation is None:
         if interpret:
             implementation = "pallas"
@@ -227,7 +218,7 @@ def _pallas(a, b, *, interpret: bool, config: MatmulConfig | None) -> jax.Array:
     if config is None:
         row_block = max(a_spec.block[0], b_spec.block[0])
         config = pick_matmul_config(m, n, k, row_block=row_block, on_gpu=on_gpu)
-        cc = _gpu_capability()
+        cc = gpu_capability()
         if on_gpu and config.decode == "fp8" and (cc is None or cc < 8.9):
             config = dataclasses.replace(config, decode="f32")  # no fp8 conversions before sm_89
     for spec, rows_tile, name in (

@@ -135,37 +135,73 @@ def round_to_grid(v, elem: str, rounding: str, u=None):
     return copysign_nonneg(out, v)
 
 
+# fp32 bits of 2**22: adding it to a magnitude below 2 leaves |v| in units of 0.5 in the low
+# mantissa bits, rounded to nearest even by the adder itself (ulp(2**22) = 0.5).
+_HALF_UNITS = 2.0**22
+_HALF_UNITS_BITS = 0x4A800000
+# E2M1 code of 1.0 minus the fp32 bits of 1.0 >> 22: a normal |v| in [1, 6] has code
+# (bits >> 22) - _NORMAL_BIAS (exponent and top mantissa bit are the E2M1 exponent and mantissa).
+_NORMAL_BIAS = (0x3F800000 >> 22) - 2
+
+
+def _e2m1_sign(code_i32, v):
+    """Attach the sign of v (bit 3, from the fp32 sign bit: -0.0 and NaN signs included)."""
+    return (code_i32 | ((bits_of(v) >> 28) & 8)).astype(jnp.uint8)
+
+
 def e2m1_code_rne(v):
-    """encode(round_to_grid(v, "e2m1", "rne")) in one step: count the round-to-nearest-even
-    decision points 0.25 0.75 1.25 1.75 2.5 3.5 5 below |v| (ties go to the even code: `>` where
-    the lower neighbour is even, `>=` where the upper one is); NaN gives a signed zero code, as
-    the spec's comparisons do."""
+    """encode(round_to_grid(v, "e2m1", "rne")) with integer and one fp32 add per element (no
+    compare ladder): for |v| >= 1 the E2M1 code is fp32 exponent + top mantissa bit rounded to
+    nearest even in the integers, bits + (2**21 - 1) + bit22 >> 22 (the carry of a round-up
+    moves to the next binade, 1.75 -> 2, and 6 saturates as min(|v|, 6)); below 1 it is |v| in
+    units of 0.5, rounded by adding 2**22 (an exact RNE by the adder). NaN gives a signed zero code,
+    as the spec's comparisons do; +-inf saturates to +-6."""
     mag = jnp.abs(v)
-    code = sum(
-        (mag > t if strict else mag >= t).astype(jnp.int32)
-        for t, strict in (
-            (0.25, True),
-            (0.75, False),
-            (1.25, True),
-            (1.75, False),
-            (2.5, True),
-            (3.5, False),
-            (5.0, True),
-        )
-    )
-    return (code | (signbit(v).astype(jnp.int32) << 3)).astype(jnp.uint8)
+    b = bits_of(jnp.minimum(mag, 6.0))
+    normal = ((b + ((1 << 21) - 1) + ((b >> 22) & 1)) >> 22) - _NORMAL_BIAS
+    small = bits_of(mag + jnp.float32(_HALF_UNITS)) - _HALF_UNITS_BITS
+    code = jnp.where(mag < 1.0, small, jnp.where(mag >= 1.0, normal, 0))
+    return _e2m1_sign(code, v)
 
 
 def e2m1_code_sr(v, u):
-    """encode(round_to_grid(v, "e2m1", "stochastic", u)) in fewer steps: E2M1 grid points have
-    consecutive codes, so the code is the code at or below |v| plus one when u < the fractional
-    distance to the next point (which is 0 at the saturated top, 6)."""
-    mag = jnp.minimum(jnp.abs(v), 6.0)
-    e = jnp.maximum(floor_log2(mag), 0)
-    n = mag * pow2(1 - e)
-    up = u < (n - jnp.floor(n))
-    code = sum((mag >= g).astype(jnp.int32) for g in E2M1_MAGNITUDES[1:]) + up.astype(jnp.int32)
-    return (code | (signbit(v).astype(jnp.int32) << 3)).astype(jnp.uint8)
+    """encode(round_to_grid(v, "e2m1", "stochastic", u)) without the compare ladder: E2M1 points
+    have consecutive codes, so the code is the code at or below |v| plus one when u < the distance
+    to the next point in ulps. For |v| >= 1 both come from the fp32 bits: code = bits >> 22 -
+    bias, distance = the 22 mantissa bits below it, and u < frac is compared exactly in 24-bit
+    integers (u is a multiple of 2**-24); below 1 the spec's n = 2|v| is split by floor. At the
+    saturated top, 6, the distance is 0. NaN gives a signed zero code."""
+    mag = jnp.abs(v)
+    b = bits_of(jnp.minimum(mag, 6.0))
+    u24 = (u * jnp.float32(2.0**24)).astype(jnp.int32)
+    normal = (b >> 22) - _NORMAL_BIAS + (u24 < ((b & 0x3FFFFF) << 2)).astype(jnp.int32)
+    n = mag * 2.0
+    lo = jnp.floor(n)
+    small = lo.astype(jnp.int32) + (u < n - lo).astype(jnp.int32)
+    code = jnp.where(mag < 1.0, small, jnp.where(mag >= 1.0, normal, 0))
+    return _e2m1_sign(code, v)
+
+
+_FP8_DTYPE = {"e4m3": jnp.float8_e4m3fn, "e5m2": jnp.float8_e5m2}
+
+
+def fp8_code_rne(v, elem: str, *, hw: bool):
+    """encode(round_to_grid(v, elem, "rne"), elem) for elem "e4m3" / "e5m2": with hw=True the
+    f32 -> fp8 conversion (RNE, saturating, as horizon.quant.formats encodes), else the integer
+    emulation that runs on any GPU."""
+    if not hw:
+        return encode(round_to_grid(v, elem, "rne"), elem)
+    vmax = GRIDS[elem][2]
+    # Clamp first as the spec does (XLA's conversion of an out-of-range value is NaN, not max).
+    v = jnp.clip(v, -vmax, vmax)
+    return lax.bitcast_convert_type(v.astype(_FP8_DTYPE[elem]), jnp.uint8)
+
+
+def decode_fp8(c, elem: str, *, hw: bool):
+    """float32 of E4M3/E5M2 codes: the hardware conversion (sm_89+) or the integer decoder."""
+    if not hw:
+        return DECODE[elem](c)
+    return lax.bitcast_convert_type(c, _FP8_DTYPE[elem]).astype(jnp.float32)
 
 
 def encode(values, elem: str):

@@ -45,6 +45,10 @@ class QuantizeConfig:
     block_cols: int = 256
     num_warps: int = 4
     num_stages: int = 2
+    # Round to E4M3/E5M2 (NVFP4 block scales, MXFP8/FP8 elements with RNE) with the f32 -> fp8
+    # conversion (one cvt.rn.satfinite per pair on sm_89+) instead of the integer emulation. Both
+    # are round-to-nearest-even of a value already clamped to the format's max, so the codes agree.
+    hw_fp8: bool = False
 
     def __post_init__(self):
         for name in ("block_rows", "block_cols"):

@@ -17,6 +17,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels.dispatch import has_fp8_conversions
 from kernels.errors import KernelInputError
 from kernels.qmatmul import codecs
 from kernels.qmatmul.config import QuantizeConfig
@@ -141,8 +142,10 @@ def _quantize_kernel(
                 ),
                 E4M3_MAX,
             )
-            scale_codes = codecs.encode(codecs.round_to_grid(scale_b, "e4m3", "rne"), "e4m3")
-            denom = codecs.per_block(codecs.decode_e4m3(scale_codes) * ts, block)
+            scale_codes = codecs.fp8_code_rne(scale_b, "e4m3", hw=cfg.hw_fp8)
+            denom = codecs.per_block(
+                codecs.decode_fp8(scale_codes, "e4m3", hw=cfg.hw_fp8) * ts, block
+            )
             denom = jnp.broadcast_to(denom, x.shape)
             scaled = jnp.where(denom > 0, codecs.div(x, denom, exact_asm=exact_asm), 0.0)
         else:
@@ -154,6 +157,8 @@ def _quantize_kernel(
         codes = codecs.e2m1_code_rne(scaled)
     elif elem == "e2m1":
         codes = codecs.e2m1_code_sr(scaled, u)
+    elif rounding == "rne":
+        codes = codecs.fp8_code_rne(scaled, elem, hw=cfg.hw_fp8)
     else:
         codes = codecs.encode(codecs.round_to_grid(scaled, elem, rounding, u), elem)
     codes = codes.reshape(br_t, bc_t)
@@ -348,8 +353,9 @@ def quantize(
     rc = (int(np.prod([x.shape[d] for d in perm[:-1]])), x.shape[axis])
     kb = (block_shape[perm[-2]] if ndim >= 2 else 1, block_shape[axis]) if fmt != "fp8" else (1, 1)
     if config is None:
+        on_gpu = not interpret and jax.default_backend() == "gpu"
         config = pick_quantize_config(
-            rc, kb, on_gpu=not interpret and jax.default_backend() == "gpu"
+            rc, kb, on_gpu=on_gpu, hw_fp8=on_gpu and has_fp8_conversions()
         )
     if fmt != "fp8" and (config.block_rows % kb[0] or config.block_cols % kb[1]):
         raise KernelInputError(
@@ -430,16 +436,19 @@ def _quantize_impl(
     return QTensor(codes, scales, ts, fmt, block_shape)
 
 
-def pick_quantize_config(shape_rc, block, *, on_gpu: bool) -> QuantizeConfig:
+def pick_quantize_config(shape_rc, block, *, on_gpu: bool, hw_fp8: bool = False) -> QuantizeConfig:
     """Tiles by shape: rows a multiple of the 2-D block height, up to 256 columns. On an H200,
-    16 x 256 tiles with 4 warps beat 32 x 256, 16 x 512 and 32 x 512 (tools/device/qmatmul.py)."""
+    16 x 256 tiles with 4 warps beat 32 x 256, 16 x 512 and 32 x 512 (tools/device/qmatmul.py).
+    hw_fp8: round E4M3/E5M2 with the hardware conversion (sm_89+)."""
     r, c = shape_rc
     cols = 32
     while cols < c and cols < 256:
         cols *= 2
     rows = max(16, block[0])
     if on_gpu:
-        return QuantizeConfig(block_rows=rows, block_cols=cols, num_warps=4, num_stages=1)
+        return QuantizeConfig(
+            block_rows=rows, block_cols=cols, num_warps=4, num_stages=1, hw_fp8=hw_fp8
+        )
     while rows * cols < 4096 and rows < r:
         rows *= 2
     return QuantizeConfig(block_rows=rows, block_cols=cols)

@@ -52,13 +52,14 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("hw_fp8", [False, True], ids=["int_fp8", "hw_fp8"])
 @pytest.mark.parametrize("fmt,block,shape,axis,rounding", CASES)
-def test_quantize_kernel_is_bit_exact_with_formats(fmt, block, shape, axis, rounding):
+def test_quantize_kernel_is_bit_exact_with_formats(fmt, block, shape, axis, rounding, hw_fp8):
     x = _x(shape)
     if len(shape) == 3:
         x = x.astype(jnp.bfloat16)  # the kernel reads bf16 and widens in registers, as formats does
     key = jax.random.key(5)
-    cfg = QuantizeConfig(block_rows=32, block_cols=64) if block != (16, 16) else _TILES
+    cfg = QuantizeConfig(block_rows=32, block_cols=64, hw_fp8=hw_fp8)
     q = quantize(
         x, fmt, block=block, axis=axis, rounding=rounding, key=key, config=cfg, interpret=True
     )
@@ -162,6 +163,59 @@ def test_in_kernel_rounding_and_encoding_match_spec(elem):
         np.testing.assert_array_equal(got_c[ok], want_c[ok])
         if elem == "e2m1":
             np.testing.assert_array_equal(out["fast"][i], want_c)
+
+
+def _ulp_neighbourhoods():
+    """Every fp32 within 4 ulps of each E2M1 grid point and rounding midpoint (both signs), and
+    all multiples of 2**-14 in [0, 8): where an integer/bit formulation of the rounding could
+    go wrong by one ulp or at a binade edge."""
+    points = np.array(
+        [0.25, 0.5, 0.75, 1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, 6, 7, 8], np.float32
+    )
+    bits = points.view(np.int32)[:, None] + np.arange(-4, 5, dtype=np.int32)[None, :]
+    near = bits.reshape(-1).view(np.float32)
+    dense = np.arange(8 * 2**14, dtype=np.float32) / np.float32(2**14)
+    v = np.concatenate([near, dense, np.float32(2.0**-126) * np.arange(4, dtype=np.float32)])
+    return jnp.asarray(np.concatenate([v, -v]))
+
+
+def test_e2m1_bit_codes_match_spec_next_to_every_tie():
+    v = _ulp_neighbourhoods()
+    u = spec_rounding.uniform(jax.random.key(4), v.shape)
+    # Stochastic draws that sit exactly on the distance to the next point (u == frac) and just
+    # below it: the `u < frac` comparison is strict in the spec.
+    frac = v * 2.0 - jnp.floor(v * 2.0)
+    u = u.at[::3].set(jnp.floor(frac[::3] * 2**24) / 2**24)
+
+    @jax.jit
+    def codes(v, u):
+        return {
+            "rne": (
+                formats.encode(spec_rounding.round_to_grid(v, "e2m1", "rne"), "e2m1"),
+                codecs.e2m1_code_rne(v),
+            ),
+            "sr": (
+                formats.encode(spec_rounding.round_to_grid(v, "e2m1", "stochastic", u), "e2m1"),
+                codecs.e2m1_code_sr(v, u),
+            ),
+        }
+
+    for name, (want, got) in jax.tree.map(
+        np.asarray, codes(v, u), is_leaf=lambda t: isinstance(t, tuple)
+    ).items():
+        np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+@pytest.mark.parametrize("elem", ["e4m3", "e5m2"])
+def test_fp8_hardware_conversion_path_matches_integer_path_and_spec(elem):
+    v = _grid_values()
+    ok = ~np.isnan(np.asarray(v))  # NaN's code is the tensor scale's business (it turns NaN)
+    want = np.asarray(formats.encode(spec_rounding.round_to_grid(v, elem, "rne"), elem))
+    for hw in (False, True):
+        got = np.asarray(jax.jit(lambda v, hw=hw: codecs.fp8_code_rne(v, elem, hw=hw))(v))
+        np.testing.assert_array_equal(got[ok], want[ok], err_msg=f"hw={hw}")
+        back = np.asarray(codecs.decode_fp8(jnp.asarray(got), elem, hw=hw))
+        np.testing.assert_array_equal(back[ok], np.asarray(decode(jnp.asarray(want), elem))[ok])
 
 
 def test_in_kernel_uniform_draws_are_the_spec_draws():

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from kernels.dispatch import gpu_capability
 from kernels.errors import KernelInputError
-from kernels.qmatmul import pallas_triton
+from kernels.qmatmul import gemv_f16, pallas_triton
 from kernels.qmatmul.config import MatmulConfig, pick_matmul_config
 from kernels.qmatmul.packed import PackedQTensor
 from kernels.qmatmul.qtensor import ELEMENT_FORMAT, FORMATS, SCALE_FORMAT, QTensor, decode
@@ -221,6 +221,8 @@ def _pallas(a, b, *, interpret: bool, config: MatmulConfig | None) -> jax.Array:
         cc = gpu_capability()
         if on_gpu and config.decode == "fp8" and (cc is None or cc < 8.9):
             config = dataclasses.replace(config, decode="f32")  # no fp8 conversions before sm_89
+    if config.decode == "f16x2":
+        return _gemv_f16(a, b, config, interpret=interpret)
     for spec, rows_tile, name in (
         (a_spec, config.block_m, "block_m"),
         (b_spec, config.block_n, "block_n"),
@@ -238,6 +240,28 @@ def _pallas(a, b, *, interpret: bool, config: MatmulConfig | None) -> jax.Array:
         k=k,
         cfg=config,
         compute_dtype=compute,
+        interpret=interpret,
+    )
+
+
+def _gemv_f16(a, b, config: MatmulConfig, *, interpret: bool) -> jax.Array:
+    """The decode="f16x2" kernel, after checking it can take (a, b)."""
+    why = None
+    if isinstance(a, (QTensor, PackedQTensor)) or a.dtype not in (jnp.bfloat16, jnp.float16):
+        why = f"a must be a bf16/f16 array, got {getattr(a, 'fmt', a.dtype)}"
+    elif not isinstance(b, PackedQTensor) or b.fmt != "nvfp4":
+        why = "b must be a PackedQTensor in nvfp4 (pack() it)"
+    elif a.shape[0] > config.block_m:
+        why = f"a has {a.shape[0]} rows, more than block_m={config.block_m}"
+    elif config.block_k % 128 or config.block_n % b.block_shape[0]:
+        why = f"block_k={config.block_k} must be a multiple of 128 and block_n={config.block_n} of {b.block_shape[0]}"
+    if why:
+        raise KernelInputError(
+            f"qmatmul: config.decode='f16x2' (weight-only NVFP4 GEMV) cannot run: {why}; "
+            "use decode='fp8'"
+        )
+    return gemv_f16.gemv_f16(
+        a, b.packed, b.scales, b.tensor_scale, block=tuple(b.block_shape), cfg=config,
         interpret=interpret,
     )
 

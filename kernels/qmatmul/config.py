@@ -20,7 +20,9 @@ class MatmulConfig:
     # Programs per output tile along K (partials summed after): parallelism for decode-sized M.
     split_k: int = 1
     # How codes become floats in registers (all exact): "f32" integer/bitcast decoders (any GPU),
-    # "fp8" the hardware fp8 -> bf16 conversion (sm_89+), "bf16" E2M1 bits straight to bf16.
+    # "fp8" the hardware fp8 -> bf16 conversion (sm_89+), "bf16" E2M1 bits straight to bf16,
+    # "f16x2" the weight-only NVFP4 GEMV of gemv_f16.py (eight codes per 32-bit word, two decoded
+    # per instruction into f16; bf16 x of at most block_m rows against packed weights only).
     decode: str = "f32"
     # Packed E2M1 (two codes per byte): "join" interleaves the two nibbles back into one tile;
     # "split" keeps even and odd elements apart and takes two half-depth dots.
@@ -32,7 +34,7 @@ class MatmulConfig:
             assert v >= 16 and v & (v - 1) == 0, f"{name}={v} must be a power of two >= 16"
         assert self.block_k % 32 == 0, self.block_k
         assert self.split_k >= 1, self.split_k
-        assert self.decode in ("f32", "fp8", "bf16"), self.decode
+        assert self.decode in ("f32", "fp8", "bf16", "f16x2"), self.decode
         assert self.unpack in ("join", "split"), self.unpack
 
 

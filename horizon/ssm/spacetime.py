@@ -13,6 +13,15 @@ where every x^T M^{-1} y is a degree < d polynomial (a correlation, one FFT). Th
 l terms are the numerator times the series inverse of the denominator (Newton iteration, FFTs).
 Closed-loop forecasting feeds back the predicted next input u_{t+1} = k^T x_t, i.e. evolves with
 A + b k^T: a rank-2 Woodbury update of the same formula.
+
+Stability. By the matrix determinant lemma det(zI - A - b k^T) = chi(z) (1 - k^T (zI - A)^{-1} b):
+the closed-loop poles are fixed by the open-loop poles and the next-input predictor. The decoder
+therefore learns the closed-loop column q directly, with k = e_d and b = q - p, so that
+A + b k^T = S + q e_d^T is itself a companion matrix (no loss of generality up to a change of state
+basis for a generic predictor, see `closed_loop_feedback`). With ||q||_1 < 1 every root of z^d - sum_i q_i z^i has modulus at
+most ||q||_1^(1/d) < 1, and ||S + q e_d^T||_1 = 1 (max column sum), so a rollout of any length
+never grows in the l1 norm. The official code instead l1-normalises the rows of A + BK, which only
+bounds the spectral radius by 1 and gives up the companion structure the fast kernel needs.
 """
 
 from __future__ import annotations
@@ -170,12 +179,33 @@ def closed_loop(p, b, c, k, u_BML, horizon: int) -> tuple[jax.Array, jax.Array]:
     return y, u_hat
 
 
-def stable_column(a_MD) -> jax.Array:
-    """p = a / max(1, ||a||_1): every root of z^d - sum p_i z^i then lies in the closed unit disk."""
-    return a_MD / jnp.maximum(1.0, jnp.sum(jnp.abs(a_MD), axis=-1, keepdims=True))
+def stable_column(a_MD, bound: float = 1.0) -> jax.Array:
+    """p = bound * a / max(bound, ||a||_1), so ||p||_1 <= bound <= 1 and every root z of
+    z^d = sum_i p_i z^i has |z| <= bound^(1/d): a root with |z| >= 1 needs |z|^d <= ||p||_1 |z|^(d-1),
+    i.e. |z| <= ||p||_1; one with |z| < 1 needs |z|^d <= ||p||_1. bound = 1 is the closed unit disk,
+    the paper's l1-normalised companion column (Zhang et al. 2023, sec. 3.1; official code
+    `norm_a_order=1`); bound < 1 is strictly stable. a: [..., d]."""
+    l1 = jnp.sum(jnp.abs(a_MD), axis=-1, keepdims=True)
+    return a_MD * (bound / jnp.maximum(bound, l1))
+
+
+def closed_loop_feedback(p_MD, q_MD) -> tuple[jax.Array, jax.Array]:
+    """(b, k) with A + b k^T = S + q e_d^T for A = S + p e_d^T: b = q - p, k = e_d.
+
+    Why this loses nothing: the closed-loop poles are the roots of chi(z) - n_k(z), where n_k / chi =
+    k^T (zI - A)^{-1} b is the next-input predictor (matrix determinant lemma), so picking the
+    closed-loop polynomial is picking the predictor; and any (A, b, c, k) whose predictor has no pole-zero
+    cancellation is similar (same forecasts) to one with the same A whose predictor reads the last state
+    coordinate, since (A, e_d^T) is observable. With q = stable_column(., bound<1)
+    the closed-loop spectral radius is <= bound^(1/d) < 1 by construction. p, q: [..., d]."""
+    k = jnp.zeros(q_MD.shape, _F32).at[..., -1].set(1.0)
+    return q_MD - p_MD, k
 
 
 # --- the forecasting model -----------------------------------------------------------------------
+
+
+INPUT_TRANSFORMS = ("mean", "last", "none")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -189,6 +219,8 @@ class SpaceTimeConfig:
     mlp_ratio: int = 2
     horizon: int = 96  # the longest forecast this model makes (and is trained for)
     next_step_weight: float = 1.0  # weight of the open-loop next-step loss
+    closed_loop_l1: float = 0.999  # ||q||_1 bound: closed-loop spectral radius <= closed_loop_l1^(1/d) < 1
+    input_transform: str = "mean"  # level removed from each lag window and added back: mean | last | none
     init_std: float = 0.02
     norm_eps: float = 1e-6
 
@@ -199,6 +231,27 @@ class SpaceTimeConfig:
                 raise ConfigError(f"spacetime.{name}: {v} must be >= 1")
         if self.next_step_weight < 0:
             raise ConfigError(f"spacetime.next_step_weight: {self.next_step_weight} must be >= 0")
+        if not 0.0 < self.closed_loop_l1 < 1.0:
+            raise ConfigError(f"spacetime.closed_loop_l1: {self.closed_loop_l1} must be in (0, 1) so the "
+                              "closed loop is stable (spectral radius <= closed_loop_l1^(1/state_size))")
+        if self.input_transform not in INPUT_TRANSFORMS:
+            raise ConfigError(f"spacetime.input_transform: {self.input_transform!r} is not one of "
+                              f"{', '.join(INPUT_TRANSFORMS)}")
+
+
+def window_offset(x_BLF, transform: str) -> jax.Array:
+    """The per-window level [B, 1, F] subtracted from the lag window and added back to the forecast:
+    the lag mean ("mean", the official code's default `data_transform`), the last value ("last") or
+    zero ("none"). Removing it makes the forecast equivariant to a level shift of the window, so a
+    trend that leaves the train range does not leave the model's input range."""
+    x_BLF = x_BLF.astype(_F32)
+    if transform == "mean":
+        return jnp.mean(x_BLF, axis=1, keepdims=True)
+    if transform == "last":
+        return x_BLF[:, -1:]
+    if transform == "none":
+        return jnp.zeros_like(x_BLF[:, :1])
+    raise ConfigError(f"spacetime.input_transform: {transform!r} is not one of {', '.join(INPUT_TRANSFORMS)}")
 
 
 def _rms(x, scale, eps):
@@ -207,14 +260,33 @@ def _rms(x, scale, eps):
 
 
 class _CompanionParams(nnx.Module):
-    def __init__(self, M: int, d: int, rngs: nnx.Rngs, *, feedback: bool):
+    """Open-loop companion SSM per channel: A = S + p e_d^T, b, c."""
+
+    def __init__(self, M: int, d: int, rngs: nnx.Rngs):
         self.a = param(rngs, normal(0.5 / math.sqrt(d)), (M, d), (None, None))
         self.b = param(rngs, normal(1.0 / math.sqrt(d)), (M, d), (None, None))
         self.c = param(rngs, normal(1.0 / math.sqrt(d)), (M, d), (None, None))
-        self.k = param(rngs, normal(0.1 / math.sqrt(d)), (M, d), (None, None)) if feedback else None
 
     def p(self):
         return stable_column(self.a[...])
+
+
+class _ClosedLoopParams(nnx.Module):
+    """Closed-loop companion SSM per channel, parameterised by its open-loop column p (from a), its
+    closed-loop column q (from a_cl, ||q||_1 <= l1_bound < 1) and c; b and k follow
+    (`closed_loop_feedback`)."""
+
+    def __init__(self, M: int, d: int, rngs: nnx.Rngs, *, l1_bound: float):
+        self.a = param(rngs, normal(0.5 / math.sqrt(d)), (M, d), (None, None))
+        self.a_cl = param(rngs, normal(0.5 / math.sqrt(d)), (M, d), (None, None))
+        self.c = param(rngs, normal(1.0 / math.sqrt(d)), (M, d), (None, None))
+        self.l1_bound = l1_bound
+
+    def system(self) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """(p, b, c, k), each [M, d], with spectral radius of A + b k^T <= l1_bound^(1/d) < 1."""
+        p = stable_column(self.a[...])
+        b, k = closed_loop_feedback(p, stable_column(self.a_cl[...], self.l1_bound))
+        return p, b, self.c[...], k
 
 
 class _EncoderLayer(nnx.Module):
@@ -222,7 +294,7 @@ class _EncoderLayer(nnx.Module):
 
     def __init__(self, cfg: SpaceTimeConfig, rngs: nnx.Rngs):
         M, F = cfg.d_model, cfg.mlp_ratio * cfg.d_model
-        self.ssm = _CompanionParams(M, cfg.state_size, rngs, feedback=False)
+        self.ssm = _CompanionParams(M, cfg.state_size, rngs)
         self.D = param(rngs, constant(1.0), (M,), (None,))
         self.norm1 = param(rngs, constant(1.0), (M,), ("norm",))
         self.norm2 = param(rngs, constant(1.0), (M,), ("norm",))
@@ -242,10 +314,12 @@ class _EncoderLayer(nnx.Module):
 class SpaceTime(nnx.Module):
     """Forecaster: embed -> open-loop encoder layers -> closed-loop companion decoder -> head.
 
+    The window's level (cfg.input_transform) is subtracted first and added back to the forecast.
     The decoder reads the lag window open-loop, predicting each next input from its state
     (u_{t+1} ~ k^T x_t, the open-loop next-step loss), then forecasts closed-loop: from the last
-    state it evolves with A + b k^T (predicted inputs fed back) and reads y = c^T x for each
-    horizon step (the closed-loop horizon loss)."""
+    state it evolves with A + b k^T (predicted inputs fed back; a companion matrix with spectral
+    radius < 1 by construction) and reads y = c^T x for each horizon step (the closed-loop horizon
+    loss)."""
 
     def __init__(self, cfg: SpaceTimeConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -253,7 +327,7 @@ class SpaceTime(nnx.Module):
         self.w_in = param(rngs, normal(1.0 / math.sqrt(cfg.n_features)), (cfg.n_features, M), (None, "embed"))
         self.b_in = param(rngs, constant(0.0), (M,), ("embed",))
         self.layers = nnx.List([_EncoderLayer(cfg, rngs) for _ in range(cfg.n_layers)])
-        self.decoder = _CompanionParams(M, cfg.state_size, rngs, feedback=True)
+        self.decoder = _ClosedLoopParams(M, cfg.state_size, rngs, l1_bound=cfg.closed_loop_l1)
         self.norm = param(rngs, constant(1.0), (M,), ("norm",))
         self.w_out = param(rngs, normal(1.0 / math.sqrt(M)), (M, cfg.n_features), ("embed", None))
 
@@ -272,14 +346,13 @@ class SpaceTime(nnx.Module):
     def __call__(self, x_BLF, *, horizon: int | None = None):
         """Returns (forecast [B, h, F], next-step predictions [B, L-1, M], their targets [B, L-1, M])."""
         h = self._check(x_BLF, horizon)
-        z = x_BLF.astype(_F32) @ self.w_in[...] + self.b_in[...]
+        offset_B1F = window_offset(x_BLF, self.cfg.input_transform)
+        z = (x_BLF.astype(_F32) - offset_B1F) @ self.w_in[...] + self.b_in[...]
         for layer in self.layers:
             z = layer(z)
         u_BLM = _rms(z, self.norm[...], self.cfg.norm_eps)
-        dec = self.decoder
-        y_BMH, u_hat_BML = closed_loop(dec.p(), dec.b[...], dec.c[...], dec.k[...],
-                                       jnp.swapaxes(u_BLM, 1, 2), h)
-        forecast = jnp.swapaxes(y_BMH, 1, 2) @ self.w_out[...]
+        y_BMH, u_hat_BML = closed_loop(*self.decoder.system(), jnp.swapaxes(u_BLM, 1, 2), h)
+        forecast = jnp.swapaxes(y_BMH, 1, 2) @ self.w_out[...] + offset_B1F
         return forecast, jnp.swapaxes(u_hat_BML, 1, 2)[:, :-1], u_BLM[:, 1:]
 
     def forecast(self, x_BLF, *, horizon: int | None = None) -> jax.Array:

@@ -148,8 +148,10 @@ def quantize_variants():
 
     x = jax.ShapeDtypeStruct((1024, 4096), jnp.bfloat16)
     key = jax.random.key(0)
-    for hw in (False, True):
-        cfg = QuantizeConfig(block_rows=16, block_cols=256, num_warps=4, num_stages=1, hw_fp8=hw)
+    for hw, fast in ((False, False), (True, False), (True, True)):
+        cfg = QuantizeConfig(
+            block_rows=16, block_cols=256, num_warps=4, num_stages=1, hw_fp8=hw, fast_div=fast
+        )
         for name, kw in (
             ("rne", {"rounding": "rne"}),
             ("sr", {"rounding": "stochastic", "key": key}),
@@ -160,7 +162,7 @@ def quantize_variants():
                 return qp.quantize(v, "nvfp4", packed=True, config=cfg, **kw)
 
             per_thread = 16 * 256 // (32 * cfg.num_warps)
-            yield f"quantize nvfp4 {name} hw_fp8={hw}", fn, (x,), 4, 1, per_thread
+            yield f"quantize nvfp4 {name} hw_fp8={hw} fast_div={fast}", fn, (x,), 4, 1, per_thread
 
 
 def gemv_variants():

@@ -223,11 +223,19 @@ def encode(values, elem: str):
     return (code | (neg.astype(jnp.int32) << 7)).astype(jnp.uint8)
 
 
+def _exact_div(x, y):
+    """x / y correctly rounded under XLA: a divisor broadcast inside the same computation may be
+    rewritten as a multiply by its reciprocal (an ulp off now and then), so the broadcast divisor
+    goes behind an optimization barrier, as horizon.quant.formats._div does."""
+    y = lax.optimization_barrier(jnp.broadcast_to(y, jnp.broadcast_shapes(x.shape, y.shape)))
+    return x / y
+
+
 def div(x, y, *, exact_asm: bool):
     """x / y rounded to nearest even. Triton lowers fp32 `/` to the approximate div.full.f32, so
     on GPU the IEEE division is spelled out in PTX (bit-exactness with the XLA spec needs it)."""
     if not exact_asm:
-        return x / y
+        return _exact_div(x, y)
     x, y = jnp.broadcast_arrays(x, y)
     [out] = plgpu.elementwise_inline_asm(
         "div.rn.f32 $0, $1, $2;",
@@ -237,6 +245,53 @@ def div(x, y, *, exact_asm: bool):
         result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)],
     )
     return out
+
+
+# The fast path of PTX div.rn.f32 as ptxas emits it on sm_90: MUFU.RCP, one Newton step, then
+# q = x r, an FMA residual and an FMA correction, guarded by FCHK (which sends operands of extreme
+# exponent to a slow path). Split so the reciprocal is taken once per quantization block.
+_RECIPROCAL_ASM = (
+    "{ .reg .f32 r0, e, nd; rcp.approx.ftz.f32 r0, $1; neg.f32 nd, $1; "
+    "fma.rn.f32 e, nd, r0, 0f3F800000; fma.rn.f32 $0, r0, e, r0; }"
+)
+_DIV_BY_RECIPROCAL_ASM = (
+    "{ .reg .f32 q, e, nd; neg.f32 nd, $2; mul.rn.f32 q, $1, $3; "
+    "fma.rn.f32 e, nd, q, $1; fma.rn.f32 $0, $3, e, q; }"
+)
+
+
+def reciprocal(d, *, exact_asm: bool):
+    """div.rn's refined reciprocal of d (normal, positive): rcp.approx plus one Newton step.
+    Only `div_by_reciprocal` uses it; in interpret mode that divides exactly, so this is 1 / d."""
+    if not exact_asm:
+        return 1.0 / d
+    [out] = plgpu.elementwise_inline_asm(
+        _RECIPROCAL_ASM,
+        args=[d],
+        constraints="=f,f",
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(d.shape, jnp.float32)],
+    )
+    return out
+
+
+def div_by_reciprocal(x, d, r, *, exact_asm: bool):
+    """x / d rounded to nearest even, given r = reciprocal(d) (x, d, r broadcast alike): div.rn's
+    fast path without its range check, so the caller keeps d normal and moderate and only x / d
+    that land far below 0.25 may leave the checked range (there any error is rounded away by the
+    E2M1 grid). The sign comes from x (d > 0), which keeps -0.0 where the FMA sequence would not.
+    Interpret mode divides exactly."""
+    if not exact_asm:
+        return _exact_div(x, d)
+    x, d, r = jnp.broadcast_arrays(x, d, r)
+    [q] = plgpu.elementwise_inline_asm(
+        _DIV_BY_RECIPROCAL_ASM,
+        args=[x, d, r],
+        constraints="=f,f,f,f",
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)],
+    )
+    return f32_from_bits((bits_of(q) & jnp.int32(0x7FFFFFFF)) | (bits_of(x) & jnp.int32(_SIGN)))
 
 
 # ----------------------------------------------------------------------------- layout helpers

@@ -3,7 +3,9 @@ block scales, round-to-nearest-even or stochastic rounding and E2M1 packing in o
 NVFP4 ("Pretraining Large Language Models with NVFP4", NVIDIA, 2025), MXFP4/MXFP8 (OCP MX v1.0).
 
 Bit-exact with horizon.quant.formats.quantize. The NVFP4/FP8 tensor amax is a small XLA reduction
-that runs first. Stochastic rounding draws formats.py's Uniform[0, 1) values in the
+that runs first; the kernel divides it into the tensor scale itself (XLA's fp32 division is not
+correctly rounded on GPUs, and on CPU XLA may turn a division by a constant into a multiply) and
+returns it with the codes. Stochastic rounding draws formats.py's Uniform[0, 1) values in the
 kernel from the key's two seed words and each element's index (a counter-based hash).
 """
 
@@ -104,9 +106,9 @@ def _quantize_kernel(
     *refs, fmt, block, rounding, sign_mask, r, c, cfg: QuantizeConfig, exact_asm, packed
 ):
     if rounding == "stochastic":
-        x_ref, seed_ref, ts_ref, codes_ref, scales_ref = refs
+        x_ref, seed_ref, amax_ref, codes_ref, scales_ref, ts_out_ref = refs
     else:
-        x_ref, ts_ref, codes_ref, scales_ref = refs
+        x_ref, amax_ref, codes_ref, scales_ref, ts_out_ref = refs
     br_t, bc_t = cfg.block_rows, cfg.block_cols
     i, j = pl.program_id(0), pl.program_id(1)
     rows = i * br_t + jnp.arange(br_t)
@@ -123,7 +125,11 @@ def _quantize_kernel(
         index = rows.astype(jnp.uint32)[:, None] * jnp.uint32(c) + cols.astype(jnp.uint32)[None, :]
         u = uniform_tile((seed_ref[0], seed_ref[1]), index)
     elem = ELEMENT_FORMAT[fmt]
-    ts = ts_ref[0]
+    # A [1] array, not a scalar: Triton's inline asm (the exact division) takes tensors.
+    ts1 = scale_from_amax(plgpu.load(amax_ref), fmt, exact_asm=exact_asm)
+    # Every program writes the same value: the QTensor's tensor scale, computed as the kernel's.
+    plgpu.store(ts_out_ref, ts1)
+    ts = ts1[0]
 
     if fmt == "fp8":
         scaled = codecs.div(x, ts, exact_asm=exact_asm)
@@ -143,11 +149,13 @@ def _quantize_kernel(
                 E4M3_MAX,
             )
             scale_codes = codecs.fp8_code_rne(scale_b, "e4m3", hw=cfg.hw_fp8)
-            denom = codecs.per_block(
-                codecs.decode_fp8(scale_codes, "e4m3", hw=cfg.hw_fp8) * ts, block
-            )
-            denom = jnp.broadcast_to(denom, x.shape)
-            scaled = jnp.where(denom > 0, codecs.div(x, denom, exact_asm=exact_asm), 0.0)
+            denom_b = codecs.decode_fp8(scale_codes, "e4m3", hw=cfg.hw_fp8) * ts
+            if cfg.fast_div:
+                scaled = _div_by_blocks(x, denom_b, ts, block, exact_asm=exact_asm)
+            else:
+                denom = jnp.broadcast_to(codecs.per_block(denom_b, block), x.shape)
+                scaled = codecs.div(x, denom, exact_asm=exact_asm)
+            scaled = jnp.where(codecs.per_block(denom_b, block) > 0, scaled, 0.0)
         else:
             shared = jnp.clip(codecs.floor_log2(amax_b) - codecs.EMAX_ELEM[elem], -127, 127)
             scale_codes = (shared + 127).astype(jnp.uint8)
@@ -175,6 +183,22 @@ def _quantize_kernel(
         plgpu.store(scales_ref, scale_codes, mask=s_rows_ok[:, None] & s_cols_ok[None, :])
 
 
+def _div_by_blocks(xb, denom_b, ts, block, *, exact_asm):
+    """RN(x / denom) for a blocked tile and its per-block denominators, one reciprocal per block.
+
+    Both sides are first multiplied by 2^k (k = -floor(log2 ts), per tensor), which is exact and
+    keeps the quotient, and puts every denominator (block scale in [2^-9, 448] times ts 2^k in
+    [1, 2), or a subnormal spec product scaled up) in [2^-23, 896]: the range where div.rn's fast
+    path needs no slow path. Elements whose scaled value underflows give quotients far below the
+    first E2M1 rounding point either way."""
+    p = codecs.pow2(jnp.clip(-codecs.floor_log2(ts), -126, 126))
+    d_b = denom_b * p
+    r_b = codecs.reciprocal(jnp.where(d_b > 0, d_b, 1.0), exact_asm=exact_asm)
+    return codecs.div_by_reciprocal(
+        xb * p, codecs.per_block(d_b, block), codecs.per_block(r_b, block), exact_asm=exact_asm
+    )
+
+
 @functools.partial(
     jax.jit,
     static_argnames=(
@@ -191,7 +215,7 @@ def _quantize_kernel(
 def _quantize_2d(
     x,
     seeds,
-    ts,
+    amax,
     *,
     fmt,
     block,
@@ -202,7 +226,8 @@ def _quantize_2d(
     packed,
     interpret,
 ):
-    """x[R, C] quantized along C with (br, bk) blocks -> (codes [R, C] or packed [R, C/2], scales)."""
+    """x[R, C] quantized along C with (br, bk) blocks, amax = max |x| (after the RHT) ->
+    (codes [R, C] or packed [R, C/2], scales, tensor scale [1])."""
     r, c = x.shape
     br_t, bc_t = cfg.block_rows, cfg.block_cols
     grid = (pl.cdiv(r, br_t), pl.cdiv(c, bc_t))
@@ -226,7 +251,7 @@ def _quantize_2d(
         exact_asm=exact_asm,
         packed=packed,
     )
-    args = [x] + ([seeds] if seeds is not None else []) + [ts.reshape(1)]
+    args = [x] + ([seeds] if seeds is not None else []) + [amax.reshape(1)]
     return pl.pallas_call(
         kernel,
         grid=grid,
@@ -236,10 +261,12 @@ def _quantize_2d(
             pl.BlockSpec(
                 scale_block, (lambda i, j: (i, j)) if fmt != "fp8" else (lambda i, j: (0, 0))
             ),
+            pl.BlockSpec((1,), lambda i, j: (0,)),
         ],
         out_shape=[
             jax.ShapeDtypeStruct((r, codes_cols), jnp.uint8),
             jax.ShapeDtypeStruct(scale_shape, jnp.uint8),
+            jax.ShapeDtypeStruct((1,), jnp.float32),
         ],
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
@@ -282,17 +309,21 @@ def _block_shape(shape, fmt, block, axis) -> tuple[int, ...]:
     return tuple(out)
 
 
-def tensor_scale(x_f32, fmt: str):
-    """The per-tensor scale formats.py uses (NaN when x has a non-finite value)."""
-    amax = jnp.max(jnp.abs(x_f32)) if x_f32.size else jnp.float32(0)
+def tensor_amax(x_f32):
+    """max |x| (float32 scalar), the small pass that comes before the kernel."""
+    return (jnp.max(jnp.abs(x_f32)) if x_f32.size else jnp.float32(0)).astype(jnp.float32)
+
+
+def scale_from_amax(amax, fmt: str, *, exact_asm: bool):
+    """The per-tensor scale formats.py derives from amax (a [1] array), with its correctly
+    rounded division."""
     if fmt == "nvfp4":
-        ts = amax / (E2M1_MAX * E4M3_MAX)
-        ts = jnp.where(ts > 0, ts, 1.0)
-    elif fmt == "fp8":
-        ts = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)
-    else:
-        ts = jnp.float32(1.0)
-    return ts.astype(jnp.float32)
+        ts = codecs.div(amax, jnp.float32(E2M1_MAX * E4M3_MAX), exact_asm=exact_asm)
+        return jnp.where(ts > 0, ts, 1.0).astype(jnp.float32)
+    if fmt == "fp8":
+        ts = codecs.div(amax, jnp.float32(E4M3_MAX), exact_asm=exact_asm)
+        return jnp.where(amax > 0, ts, 1.0).astype(jnp.float32)
+    return jnp.ones_like(amax, jnp.float32)
 
 
 def quantize(
@@ -403,13 +434,13 @@ def _quantize_impl(
     x_for_amax = x2.astype(jnp.float32)
     if sign_mask is not None:
         x_for_amax = rht_last_axis(x_for_amax, sign_mask)
-    ts = tensor_scale(x_for_amax, fmt)
+    amax = tensor_amax(x_for_amax)
     finite = jnp.all(jnp.isfinite(x_for_amax))
 
-    codes2, scales2 = _quantize_2d(
+    codes2, scales2, ts = _quantize_2d(
         x2,
         seeds,
-        ts,
+        amax,
         fmt=fmt,
         block=kb,
         rounding=rounding,
@@ -419,7 +450,7 @@ def _quantize_impl(
         packed=packed,
         interpret=interpret,
     )
-    ts = jnp.where(finite, ts, jnp.nan).astype(jnp.float32)
+    ts = jnp.where(finite, ts[0], jnp.nan).astype(jnp.float32)
     if fmt == "fp8":
         scales = jnp.full((1,) * ndim, 0x38, jnp.uint8)
     else:

@@ -52,14 +52,29 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("hw_fp8", [False, True], ids=["int_fp8", "hw_fp8"])
-@pytest.mark.parametrize("fmt,block,shape,axis,rounding", CASES)
-def test_quantize_kernel_is_bit_exact_with_formats(fmt, block, shape, axis, rounding, hw_fp8):
+_VARIANTS = {
+    "int_fp8": {"hw_fp8": False},
+    "hw_fp8": {"hw_fp8": True},
+    "fast_div": {"hw_fp8": True, "fast_div": True},
+}
+
+
+# fast_div only changes the NVFP4 element division: the other formats run the two fp8 paths.
+_CASES_BY_VARIANT = [
+    (*case, variant)
+    for case in CASES
+    for variant in _VARIANTS
+    if variant != "fast_div" or case[0] == "nvfp4"
+]
+
+
+@pytest.mark.parametrize("fmt,block,shape,axis,rounding,variant", _CASES_BY_VARIANT)
+def test_quantize_kernel_is_bit_exact_with_formats(fmt, block, shape, axis, rounding, variant):
     x = _x(shape)
     if len(shape) == 3:
         x = x.astype(jnp.bfloat16)  # the kernel reads bf16 and widens in registers, as formats does
     key = jax.random.key(5)
-    cfg = QuantizeConfig(block_rows=32, block_cols=64, hw_fp8=hw_fp8)
+    cfg = QuantizeConfig(block_rows=32, block_cols=64, **_VARIANTS[variant])
     q = quantize(
         x, fmt, block=block, axis=axis, rounding=rounding, key=key, config=cfg, interpret=True
     )
@@ -67,6 +82,18 @@ def test_quantize_kernel_is_bit_exact_with_formats(fmt, block, shape, axis, roun
         x, fmt, block=block, axis=axis, rounding=rounding, key=key
     )
     _assert_same(q, r)
+
+
+@pytest.mark.parametrize("magnitude", [1e-38, 1e-30, 1.0, 1e30, 3e37])
+def test_fast_division_rescaling_keeps_tiny_and_huge_tensors_bit_exact(magnitude):
+    """fast_div multiplies x and the block denominators by 2^-floor(log2 ts): exact, so tensors
+    whose tensor scale is subnormal (1e-38) or huge quantize exactly as the spec does."""
+    x = _x((32, 64), seed=4) * jnp.float32(magnitude / 3e4)
+    cfg = QuantizeConfig(block_rows=32, block_cols=64, hw_fp8=True, fast_div=True)
+    for rounding in ("rne", "stochastic"):
+        key = jax.random.key(7)
+        q = quantize(x, "nvfp4", rounding=rounding, key=key, config=cfg, interpret=True)
+        _assert_same(q, formats.quantize(x, "nvfp4", rounding=rounding, key=key))
 
 
 def test_all_zero_tensor_gives_zero_codes_and_unit_tensor_scale():

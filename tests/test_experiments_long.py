@@ -42,3 +42,8 @@ def test_mtp_hlp_runs_end_to_end(tmp_path):
     for r in res["results"].values():
         assert 0.0 <= r["exact_match"] <= 1.0 and r["heldout_loss"] > 0
     assert res["n_infill"] == 16 and (run_dir / "train_loss.png").exists()
+    spec = res["self_speculation"]["MTP parallel (n=2)"]  # the parallel-heads model drafts with its heads
+    assert set(res["self_speculation"]) == {"MTP parallel (n=2)"} and spec["draft_tokens"] == 1
+    assert 0.0 <= spec["mean_accepted"] <= 1.0 and spec["acceptance_by_head"] == [spec["mean_accepted"]]
+    assert 1.0 <= spec["tokens_per_forward"] <= 2.0
+    assert "Self-speculative greedy decoding" in (run_dir / "report.md").read_text()

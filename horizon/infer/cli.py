@@ -1,6 +1,8 @@
 """`horizon generate RUN_DIR --prompt "..." [--cache streaming --cache-size 256] [--max-new-tokens N]`:
 sample from a saved run with a KV cache, printing tokens as they come (the jitted decode loop runs
-in chunks of --chunk tokens; each chunk is printed when it returns)."""
+in chunks of --chunk tokens; each chunk is printed when it returns). `--speculative mtp` drafts with
+the model's parallel MTP heads (horizon.infer.mtp_draft) and prints the text once, with the
+acceptance on stderr."""
 
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", default=None, help="stop after this text's first token (e.g. a newline: $'\\n')")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chunk", type=int, default=8, help="tokens per decode-loop call between prints")
+    p.add_argument("--speculative", default="none", choices=("none", "mtp"),
+                   help="mtp: self-speculative decoding, the model's MTP heads draft (needs --cache full --policy full)")
     return p
 
 
@@ -68,7 +72,15 @@ def main(argv: list[str], out=None) -> str:
         out.write(piece)
         out.flush()
 
-    Decoder(model, decode)(prompt[None], on_tokens=show, chunk=a.chunk)
+    if a.speculative == "mtp":
+        from horizon.infer.mtp_draft import mtp_speculative_generate
+
+        res = mtp_speculative_generate(model, prompt[None], decode=decode)
+        show(res.tokens[0][None])
+        print(f"mtp draft: {res.mean_accepted:.2f} of {res.k} draft tokens accepted per round, "
+              f"{res.tokens_per_forward():.2f} tokens per target forward", file=sys.stderr)
+    else:
+        Decoder(model, decode)(prompt[None], on_tokens=show, chunk=a.chunk)
     text.append(utf8.decode(b"", final=True))
     out.write(text[-1] + "\n")
     return "".join(text)

@@ -7,7 +7,8 @@ the target distribution exactly.
 
 The draft here is the same model under a window + sinks cache (constant-size KV, LongSpec, 2025):
 its cache is snapshotted after each draft token, so a rejection rolls it back by selecting a
-snapshot; the target's full cache rolls back by cutting its length.
+snapshot; the target's full cache rolls back by cutting its length. horizon.infer.mtp_draft drafts
+with the model's own MTP heads instead and shares the acceptance rule, rollback and host loop here.
 """
 
 from __future__ import annotations
@@ -59,10 +60,80 @@ def accept_draft(key: jax.Array, p_KV: jax.Array, q_KV: jax.Array, draft_K: jax.
     return n.astype(jnp.int32), draw(k_next, dist[None])[0]
 
 
+def accept_drafts(key: jax.Array, p_BK1V: jax.Array, q_BKV: jax.Array, drafts_BK: jax.Array):
+    """accept_draft for each row: (n [B] accepted, next token [B])."""
+    return jax.vmap(accept_draft)(jax.random.split(key, drafts_BK.shape[0]), p_BK1V, q_BKV, drafts_BK)
+
+
+def emitted_tokens(drafts_BK: jax.Array, n_B: jax.Array, next_B: jax.Array) -> jax.Array:
+    """[B, k + 1]: a round's output, the first n_B draft tokens then the next token (later columns are
+    not emitted)."""
+    B = drafts_BK.shape[0]
+    out_BK1 = jnp.concatenate([drafts_BK, jnp.zeros((B, 1), jnp.int32)], axis=1)
+    return out_BK1.at[jnp.arange(B), n_B].set(next_B)
+
+
+def keep_accepted(caches: list, old_lengths: list, n_B: jax.Array) -> list:
+    """Full caches that took a round's k + 1 fed tokens (the last token and k drafts) cut back to the
+    last token and the n_B accepted drafts: the rejected slots are masked and later overwritten."""
+    return [kv.with_length(c, L + 1 + n_B) for c, L in zip(caches, old_lengths)]
+
+
+def require_attention_only(cfg, what: str) -> None:
+    """ConfigError unless every layer is attention (a Mamba-2 state cannot be rolled back by length)."""
+    if any(m != "attn" for m in cfg.mixers):
+        raise ConfigError(f"{what} rolls KV caches back after a rejection, which a Mamba-2 state cannot do; it "
+                          f"needs an attention-only model, not layer_pattern {cfg.layer_pattern!r}")
+
+
 class SpeculativeResult(NamedTuple):
     tokens: list  # per row, the generated tokens (int32 arrays)
     accepted: np.ndarray  # [rounds, B] draft tokens accepted per round
-    mean_accepted: float  # mean accepted draft tokens per round (of k)
+    mean_accepted: float  # mean accepted draft tokens per round (of k), over rows still generating
+    active: np.ndarray  # [rounds, B] bool: the row still needed tokens when the round began
+    k: int  # draft tokens per round
+
+    def acceptance_by_depth(self) -> np.ndarray:
+        """[k]: the fraction of active rounds whose j-th draft token (j = 1..k) was accepted, i.e.
+        n >= j (draft j counts only once drafts 1..j-1 were kept)."""
+        n = self.accepted[self.active]
+        return np.array([float(np.mean(n >= j)) if n.size else 0.0 for j in range(1, self.k + 1)])
+
+    def tokens_per_forward(self) -> float:
+        """Generated tokens per target forward, averaged over rows, the prefill counted as one
+        forward (plain decoding: 1.0; each round adds one verify forward)."""
+        forwards_B = 1 + self.active.sum(axis=0)
+        return float(np.mean([len(t) / f for t, f in zip(self.tokens, forwards_B)]))
+
+
+def run_rounds(first_B, carry, round_fn, d: Decode, k: int) -> SpeculativeResult:
+    """The host loop every draft shares: row b starts with first_B[b], and each round
+    round_fn(carry, r) -> (emitted [B, k + 1], n [B], carry) adds the n + 1 tokens it emits, until
+    the row has d.max_new_tokens tokens or emitted a stop token."""
+    first = np.asarray(first_B)
+    B = len(first)
+    out = [[int(t)] for t in first]
+    stopped = [int(t) in d.stop_tokens for t in first]
+    accepted, active, r = [], [], 0
+    while True:
+        live = [not (s or len(o) >= d.max_new_tokens) for s, o in zip(stopped, out)]
+        if not any(live):
+            break
+        r += 1
+        emitted, n, carry = round_fn(carry, r)
+        emitted, n = np.asarray(emitted), np.asarray(n)
+        accepted.append(n)
+        active.append(live)
+        for b in np.flatnonzero(live):
+            for t in emitted[b, :n[b] + 1]:
+                if stopped[b] or len(out[b]) >= d.max_new_tokens:
+                    break
+                out[b].append(int(t))
+                stopped[b] = int(t) in d.stop_tokens
+    acc = np.array(accepted, np.int32).reshape(-1, B)
+    act = np.array(active, bool).reshape(-1, B)
+    return SpeculativeResult([np.array(o, np.int32) for o in out], acc,
+                             float(acc[act].mean()) if act.any() else 0.0, act, k)
 
 
 def speculative_generate(model, tokens_BP, lengths_B=None, *, decode: Decode | None = None, draft_cache_size: int = 64,
@@ -72,9 +143,7 @@ def speculative_generate(model, tokens_BP, lengths_B=None, *, decode: Decode | N
     tokens_BP: right-padded prompts [B, P]. Sampling (temperature, top_p) applies to both models;
     temperature 0 gives exactly the target's greedy tokens."""
     cfg = model.cfg
-    if any(m != "attn" for m in cfg.mixers):
-        raise ConfigError("speculative decoding rolls caches back by length and snapshot; it needs an "
-                          f"attention-only model, not layer_pattern {cfg.layer_pattern!r}")
+    require_attention_only(cfg, "speculative decoding")
     if k < 1:
         raise ConfigError(f"speculative: k={k} draft tokens per round must be >= 1")
     d = decode or Decode()
@@ -118,30 +187,12 @@ def speculative_generate(model, tokens_BP, lengths_B=None, *, decode: Decode | N
         old_len = [c.length for c in tc]
         p_logits, tc = steps.extend(m, tc, jnp.concatenate([last_B[:, None], drafts_BK], axis=1))
         p_BKV = jax.vmap(probs, in_axes=1, out_axes=1)(p_logits)
-        n_B, nxt_B = jax.vmap(accept_draft)(jax.random.split(k_acc, B), p_BKV, jnp.moveaxis(q_KBV[:k], 0, 1),
-                                            drafts_BK)
-        tc = [kv.with_length(c, L + 1 + n_B) for c, L in zip(tc, old_len)]
-        rows = jnp.arange(B)
-        dc = jax.tree.map(lambda x: x[n_B, rows], snaps)
-        emitted_BK1 = jnp.concatenate([drafts_BK, jnp.zeros((B, 1), jnp.int32)], axis=1)
-        emitted_BK1 = emitted_BK1.at[rows, n_B].set(nxt_B)
-        return emitted_BK1, n_B, nxt_B, tc, dc
+        n_B, nxt_B = accept_drafts(k_acc, p_BKV, jnp.moveaxis(q_KBV[:k], 0, 1), drafts_BK)
+        tc = keep_accepted(tc, old_len, n_B)
+        dc = jax.tree.map(lambda x: x[n_B, jnp.arange(B)], snaps)
+        return emitted_tokens(drafts_BK, n_B, nxt_B), n_B, (tc, dc, nxt_B)
 
     key = jax.random.PRNGKey(d.seed)
     first, tc, dc = start(state, jax.random.fold_in(key, 0))
-    out = [[int(t)] for t in np.asarray(first)]
-    done = [t in d.stop_tokens for t in np.asarray(first)]
-    last, accepted, r = first, [], 0
-    while not all(done or len(o) >= d.max_new_tokens for done, o in zip(done, out)):
-        r += 1
-        emitted, n, last, tc, dc = round_(state, tc, dc, last, jax.random.fold_in(key, r))
-        emitted, n = np.asarray(emitted), np.asarray(n)
-        accepted.append(n)
-        for b in range(B):
-            for t in emitted[b, :n[b] + 1]:
-                if done[b] or len(out[b]) >= d.max_new_tokens:
-                    break
-                out[b].append(int(t))
-                done[b] = int(t) in d.stop_tokens
-    acc = np.array(accepted, np.int32).reshape(-1, B)
-    return SpeculativeResult([np.array(o, np.int32) for o in out], acc, float(acc.mean()) if acc.size else 0.0)
+    return run_rounds(first, (tc, dc, first),
+                      lambda carry, r: round_(state, *carry, jax.random.fold_in(key, r)), d, k)

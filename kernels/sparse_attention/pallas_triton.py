@@ -115,6 +115,25 @@ def _unpack(refs, names):
     return dict(zip(names, refs))
 
 
+def _key_block(st: Static, r, j, q, qpos, qseg, masked):
+    """The j-th live key block of a query block's row (the forward and dQ kernels' loop step):
+    k and v loaded, k rotated by the block's RoPE shift, then the base-2 scores s [bq, bk] with
+    masked entries at -inf when `masked`, and the soft-cap tanh (None without a cap)."""
+    row = r["row"]
+    blk = row[2 + j]
+    start = pl.multiple_of(blk * st.block_k, st.block_k)
+    k = r["k"][pl.ds(start, st.block_k), :]
+    v = r["v"][pl.ds(start, st.block_k), :]
+    if st.has_shift:
+        k = _rotate(k, row[2 + st.kmax + j], r["freq"][...], r["rot"][...]).astype(v.dtype)
+    s, t = _scores(st, q, k)
+    if masked:
+        kpos = r["kpos"][pl.ds(start, st.block_k)]
+        kseg = r["kseg"][pl.ds(start, st.block_k)] if st.use_seg else None
+        s = jnp.where(_mask(st, blk, qpos, kpos, qseg, kseg), s, -jnp.inf)
+    return k, v, s, t
+
+
 # ------------------------------------------------------------------ forward
 
 
@@ -129,17 +148,7 @@ def _fwd_kernel(*refs, st: Static, names):
 
     def body(j, carry, masked):
         acc, m, l = carry
-        blk = row[2 + j]
-        start = pl.multiple_of(blk * st.block_k, st.block_k)
-        k = r["k"][pl.ds(start, st.block_k), :]
-        v = r["v"][pl.ds(start, st.block_k), :]
-        if st.has_shift:
-            k = _rotate(k, row[2 + st.kmax + j], r["freq"][...], r["rot"][...]).astype(v.dtype)
-        s, _ = _scores(st, q, k)
-        if masked:
-            kpos = r["kpos"][pl.ds(start, st.block_k)]
-            kseg = r["kseg"][pl.ds(start, st.block_k)] if st.use_seg else None
-            s = jnp.where(_mask(st, blk, qpos, kpos, qseg, kseg), s, -jnp.inf)
+        _, v, s, _ = _key_block(st, r, j, q, qpos, qseg, masked)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
         alpha = jnp.exp2(m - m_use)
@@ -245,17 +254,7 @@ def _dq_kernel(*refs, st: Static, names):
     bq, dp = q.shape
 
     def body(j, dq, masked):
-        blk = row[2 + j]
-        start = pl.multiple_of(blk * st.block_k, st.block_k)
-        k = r["k"][pl.ds(start, st.block_k), :]
-        v = r["v"][pl.ds(start, st.block_k), :]
-        if st.has_shift:
-            k = _rotate(k, row[2 + st.kmax + j], r["freq"][...], r["rot"][...]).astype(v.dtype)
-        s, t = _scores(st, q, k)
-        if masked:
-            kpos = r["kpos"][pl.ds(start, st.block_k)]
-            kseg = r["kseg"][pl.ds(start, st.block_k)] if st.use_seg else None
-            s = jnp.where(_mask(st, blk, qpos, kpos, qseg, kseg), s, -jnp.inf)
+        k, v, s, t = _key_block(st, r, j, q, qpos, qseg, masked)
         p = jnp.exp2(s - lse[:, None])
         dp_ = _dot(do, v, tb=True)
         ds = p * (dp_ - delta[:, None])

@@ -19,6 +19,15 @@ from horizon.errors import ConfigError, ShapeError
 _F32 = jnp.float32
 
 
+def context_size(mesh=None, axis: str = "context") -> int:
+    """Size of mesh axis `axis` on `mesh` (default: the abstract mesh in scope); 1 without one.
+    Callers switch to the context-parallel scan when it is > 1, as horizon.attention.attend does."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    if mesh is None or mesh.empty:
+        return 1
+    return dict(mesh.shape).get(axis, 1)
+
+
 def _chunk_summary(x, dt, A, B, C, D, seg, *, chunk, implementation):
     """Scan one chunk from a zero state. Returns y, its final state, the chunk's total decay
     [B, H] (0 if a document starts inside it) and the per-token carry-in weights [B, T, H]."""
@@ -53,12 +62,12 @@ def ssd_context_parallel(x_BTHP: jax.Array, dt_BTH: jax.Array, A_H: jax.Array, B
     if T % k:
         raise ShapeError(f"ssd_context_parallel: local length {T} is not a multiple of {k} ({layout} layout)")
     seg = jnp.zeros((Bsz, T), jnp.int32) if segment_ids_BT is None else segment_ids_BT.astype(jnp.int32)
-    split = lambda a: jnp.split(a, k, axis=1) if k > 1 else [a]  # noqa: E731
+    split = lambda a: jnp.split(a, k, axis=1) if k > 1 else [a]
     parts = [_chunk_summary(*c, D_H, s, chunk=chunk, implementation=implementation)
              for *c, s in zip(split(x_BTHP), split(dt_BTH), [A_H] * k, split(B_BTGN), split(C_BTGN), split(seg))]
 
     # Gather every chunk's summary: [n, k, ...], then chain them in sequence order.
-    stack = lambda i: jnp.stack([p[i] for p in parts])  # noqa: E731
+    stack = lambda i: jnp.stack([p[i] for p in parts])
     first, last = jnp.stack([s[:, 0] for s in split(seg)]), jnp.stack([s[:, -1] for s in split(seg)])
     g_h, g_decay, g_first, g_last = (jax.lax.all_gather(a, axis_name) for a in (stack(1), stack(2), first, last))
 
@@ -125,4 +134,4 @@ def context_parallel_ssd(x_BTHP: jax.Array, dt_BTH: jax.Array, A_H: jax.Array, B
     return fn(x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN, D, seg, h0)
 
 
-__all__ = ["ssd_context_parallel", "context_parallel_ssd"]
+__all__ = ["context_parallel_ssd", "context_size", "ssd_context_parallel"]

@@ -1,7 +1,10 @@
 """The Mamba-2 mixer (Dao & Gu, "Transformers are SSMs", 2024): input projection to z, x, B, C, dt;
 short causal depthwise convolution on x, B, C; the SSD scan (kernels.ssd); gated RMSNorm; output
 projection. Segment ids reset both the convolution window and the SSM state at document
-boundaries. Decoding carries a constant-size cache (conv windows + SSM state).
+boundaries. Decoding carries a constant-size cache (conv windows + SSM state). Under a mesh with a
+`context` axis > 1 the sequence stays sharded (contiguous layout, as the attention layers' ring
+attention): the conv takes a (W-1)-token halo and the scan chains chunk states between shards
+(horizon.ssm.context_parallel).
 
 Quantization: the input projection (z, x, B, C fused into one GEMM, as Mamba-2's in_proj) and the
 output projection follow the model's quant recipe under the paths "layers/{i}/ssm/in" and
@@ -24,10 +27,10 @@ from horizon.config import Model
 from horizon.errors import ConfigError, ShapeError
 from horizon.layers.params import constant, normal, param
 from horizon.quant.assign import SSM_GEMM_OFFSET, gemm_id, linear_recipe
+from horizon.ssm.context_parallel import context_parallel_ssd, context_size
 from horizon.ssm.longmamba import SOW_NAME, LongMambaLayer, filter_dt
 from horizon.train.sharding import constrain
 from kernels.ssd import ssd
-from kernels.ssd.reference import segment_resets
 
 _F32 = jnp.float32
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -73,33 +76,61 @@ def _a_log_init(lo: float, hi: float):
     return init
 
 
-def document_ids(segment_ids_BT: jax.Array | None) -> jax.Array | None:
-    """Document index per token, 0 for the first document of the row (the one a cache flows into)."""
-    if segment_ids_BT is None:
-        return None
-    batch, T = segment_ids_BT.shape
-    return jnp.cumsum(segment_resets(segment_ids_BT, T, batch).astype(jnp.int32), axis=1)
+def _shift(a_BT_, s: int, fill_B_=None):
+    """a delayed by s steps along T (same length): out_t = a_{t-s}; the first s entries are the last
+    s rows of `fill` ([B, >=s, ...]), or zeros. Zero-pad then slice (not a concatenate with the
+    fill): with T sharded over the context axis GSPMD then moves an s-row halo between neighbouring
+    shards instead of resharding the sequence. (jax 0.10: lax.pad with a negative high pad, the
+    one-op form, was mis-partitioned when its input arrived replicated.)"""
+    if s == 0:
+        return a_BT_
+    T = a_BT_.shape[1]
+    widths = [(0, 0)] * a_BT_.ndim
+    widths[1] = (s, 0)
+    out = jnp.pad(a_BT_, widths)[:, :T]
+    if fill_B_ is not None:  # fill is small and not sharded along T: pad it to T and add
+        head = fill_B_[:, fill_B_.shape[1] - s:][:, :T].astype(a_BT_.dtype)
+        widths[1] = (0, T - head.shape[1])
+        out = out + jnp.pad(head, widths)
+    return out
 
 
-def causal_conv(u_BTC, w_WC, b_C, doc_BT, state_BKC):
+def _segment_resets(segment_ids_BT: jax.Array) -> jax.Array:
+    """kernels.ssd.reference.segment_resets (True where a document starts, never at t = 0) as a
+    shift-and-compare, which under context parallelism needs one halo token, not a gather."""
+    seg = segment_ids_BT.astype(jnp.int32)
+    return (seg != _shift(seg, 1)) & (jnp.arange(seg.shape[1]) > 0)
+
+
+def causal_conv(u_BTC, w_WC, b_C, reset_BT, state_BKC):
     """Depthwise causal conv: out_t = b + sum_j w[j] u_{t-(W-1)+j}, inputs before t from `state`
-    (K = W-1 earlier inputs). Terms from another document are dropped (the state counts as the
-    first document). Returns (out [B, T, C], next state [B, K, C], earlier documents zeroed)."""
+    (K = W-1 earlier inputs). reset_BT (bool, or None): True where a document starts (never at
+    t = 0, kernels.ssd.reference.segment_resets); a term u_{t-s} is dropped when a document starts
+    in (t-s, t] (the state belongs to the first document). Returns (out [B, T, C], next state
+    [B, K, C] with inputs of earlier documents zeroed).
+
+    Only shifts by at most K along T, no cumulative sum over the sequence: with T sharded over the
+    context axis every shard needs just a K-row halo from its left neighbour."""
     W = w_WC.shape[0]
-    T = u_BTC.shape[1]
-    padded_BSC = jnp.concatenate([state_BKC.astype(u_BTC.dtype), u_BTC], axis=1)
-    if doc_BT is not None:
-        doc_pad_BS = jnp.concatenate([jnp.zeros((doc_BT.shape[0], W - 1), doc_BT.dtype), doc_BT], axis=1)
+    K, T = W - 1, u_BTC.shape[1]
     out_BTC = jnp.broadcast_to(b_C.astype(_F32), u_BTC.shape)
-    for j in range(W):
-        term = padded_BSC[:, j:j + T].astype(_F32) * w_WC[j].astype(_F32)
-        if doc_BT is not None:
-            term = jnp.where((doc_pad_BS[:, j:j + T] == doc_BT)[..., None], term, 0.0)
+    same_doc_BT = None if reset_BT is None else jnp.ones(reset_BT.shape, bool)  # no start in (t-s, t]
+    for s in range(W):  # tap j = K - s sees u_{t-s}
+        if reset_BT is not None and s > 0:
+            same_doc_BT = same_doc_BT & ~_shift(reset_BT, s - 1)
+        term = _shift(u_BTC, s, state_BKC).astype(_F32) * w_WC[K - s].astype(_F32)
+        if reset_BT is not None:
+            term = jnp.where(same_doc_BT[..., None], term, 0.0)
         out_BTC = out_BTC + term
-    state_BKC = padded_BSC[:, T:]
-    if doc_BT is not None:  # the next token continues the last document only
-        keep = doc_pad_BS[:, T:] == doc_BT[:, -1:]
-        state_BKC = jnp.where(keep[..., None], state_BKC, jnp.zeros_like(state_BKC))
+    # The last K inputs of [state, u].
+    state_BKC = (u_BTC[:, T - K:] if T >= K else
+                 jnp.concatenate([state_BKC[:, T:].astype(u_BTC.dtype), u_BTC], axis=1))
+    if reset_BT is not None:  # the next token continues the last document only
+        tail_BK = reset_BT[:, T - K:] if T >= K else jnp.concatenate(
+            [jnp.zeros((reset_BT.shape[0], K - T), bool), reset_BT], axis=1)
+        # Keep input i iff no document starts after it: no reset among tail[i+1:].
+        later_BK = jnp.cumsum(tail_BK[:, ::-1].astype(jnp.int32), axis=1)[:, ::-1] - tail_BK
+        state_BKC = jnp.where((later_BK == 0)[..., None], state_BKC, jnp.zeros_like(state_BKC))
     return out_BTC, state_BKC
 
 
@@ -192,6 +223,23 @@ class Mamba2(nnx.Module):
             return jnp.einsum("...i,im->...m", g.astype(cdt), self.w_out[...].astype(cdt))
         return _qdot(g.astype(cdt), self.w_out[...], self.out_recipe, quant_key, self.out_gemm_id).astype(cdt)
 
+    def _scan(self, x_BTHP, dt_BTH, B_BTGN, C_BTGN, *, segment_ids_BT, initial_state_BHPN):
+        """The SSD scan (y [B, T, H, P], final state [B, H, P, N]) of the parallel form.
+
+        With a `context` mesh axis > 1 the sequence is sharded over it (logical `length`): each
+        shard scans its piece and chunk states chain between shards (horizon.ssm.context_parallel).
+        The layout is contiguous, the one horizon.attention.attend's ring attention assumes: tokens
+        stay in natural order, so the recurrence and the causal conv (computed before, on the
+        global arrays) see the true sequence order."""
+        args = (x_BTHP, dt_BTH, self.A_H(), B_BTGN, C_BTGN)
+        D_H = self.D[...].astype(_F32)
+        if context_size() > 1:
+            return context_parallel_ssd(*args, D_H=D_H, segment_ids_BT=segment_ids_BT,
+                                        initial_state_BHPN=initial_state_BHPN, layout="contiguous",
+                                        chunk=self.chunk, implementation=self.implementation)
+        return ssd(*args, D=D_H, initial_state=initial_state_BHPN, segment_ids=segment_ids_BT,
+                   chunk=self.chunk, implementation=self.implementation)
+
     def _longmamba(self, override):
         return self.longmamba if override is None else override
 
@@ -225,18 +273,23 @@ class Mamba2(nnx.Module):
         batch, T, _ = x_BTM.shape
         if segment_ids_BT is not None and tuple(segment_ids_BT.shape) != (batch, T):
             raise ShapeError(f"Mamba2: segment_ids shape {tuple(segment_ids_BT.shape)} must be {(batch, T)}")
+        n_ctx = context_size()
+        if n_ctx > 1 and T % n_ctx:
+            raise ShapeError(f"Mamba2: sequence length {T} is not a multiple of the context axis size {n_ctx} "
+                             f"(context parallelism shards the sequence); pick a length that is a multiple "
+                             f"of {n_ctx}, or run without a context mesh axis")
         fresh = cache is None
         cache = self.init_cache(batch) if fresh else cache
         H, P, G, N = self.n_heads, self.head_dim, self.n_groups, self.state_size
         cdt = self.compute_dtype
 
         z, xi, Bi, Ci, dt_raw = self._project(x_BTM, quant_key)
-        doc_BT = document_ids(segment_ids_BT)
+        reset_BT = None if segment_ids_BT is None else _segment_resets(segment_ids_BT)
         convs = []
         for u, w, b, state in ((xi, self.conv_x, self.conv_x_bias, cache.conv_x),
                                (Bi, self.conv_B, self.conv_B_bias, cache.conv_B),
                                (Ci, self.conv_C, self.conv_C_bias, cache.conv_C)):
-            out, state = causal_conv(u, w[...], b[...], doc_BT, state)
+            out, state = causal_conv(u, w[...], b[...], reset_BT, state)
             convs.append((jax.nn.silu(out).astype(cdt), state.astype(cdt)))
         (xc, conv_x), (Bc, conv_B), (Cc, conv_C) = convs
 
@@ -247,12 +300,11 @@ class Mamba2(nnx.Module):
         if lm is not None:
             dt_BTH = filter_dt(dt_BTH, lm, length=T if fresh else cache.length + T)
 
-        x_BTHP = constrain(xc.reshape(batch, T, H, P), ("batch", None, "ssm_heads", None))
-        y_BTHP, ssm_state = ssd(
-            x_BTHP, constrain(dt_BTH, ("batch", None, "ssm_heads")), self.A_H(),
-            Bc.reshape(batch, T, G, N), Cc.reshape(batch, T, G, N), D=self.D[...].astype(_F32),
-            initial_state=None if fresh else cache.ssm, segment_ids=segment_ids_BT,
-            chunk=self.chunk, implementation=self.implementation)
+        y_BTHP, ssm_state = self._scan(
+            constrain(xc.reshape(batch, T, H, P), ("batch", "length", "ssm_heads", None)),
+            constrain(dt_BTH, ("batch", "length", "ssm_heads")),
+            Bc.reshape(batch, T, G, N), Cc.reshape(batch, T, G, N),
+            segment_ids_BT=segment_ids_BT, initial_state_BHPN=None if fresh else cache.ssm)
         y_BTM = self._gated_norm_out(y_BTHP.reshape(batch, T, self.inner), z, quant_key)
         next_cache = Mamba2Cache(conv_x, conv_B, conv_C, ssm_state, cache.length + T)
         return y_BTM.astype(x_BTM.dtype), next_cache

@@ -51,7 +51,8 @@ class QuantizeConfig:
     # conversion (one cvt.rn.satfinite per pair on sm_89+) instead of the integer emulation. Both
     # are round-to-nearest-even of a value already clamped to the format's max, so the codes agree.
     hw_fp8: bool = False
-    # NVFP4 element division as div.rn's own fast path with the reciprocal taken once per block and
+    # NVFP4 / FP8 element division as div.rn's own fast path with the reciprocal taken once per block
+    # (or tensor) and
     # operands rescaled by a power of two into the range where that path is exact (GPU only; an
     # exact division in interpret mode). Opt-in until the bit-exact device check has run on it.
     fast_div: bool = False

@@ -132,7 +132,10 @@ def _quantize_kernel(
     ts = ts1[0]
 
     if fmt == "fp8":
-        scaled = codecs.div(x, ts, exact_asm=exact_asm)
+        if cfg.fast_div:
+            scaled = _fast_div(x, ts1[:, None], ts, exact_asm=exact_asm)
+        else:
+            scaled = codecs.div(x, ts, exact_asm=exact_asm)
         scale_codes = None
     else:
         # Work on the blocked view so per-block values broadcast without expanding the tile.
@@ -151,7 +154,7 @@ def _quantize_kernel(
             scale_codes = codecs.fp8_code_rne(scale_b, "e4m3", hw=cfg.hw_fp8)
             denom_b = codecs.decode_fp8(scale_codes, "e4m3", hw=cfg.hw_fp8) * ts
             if cfg.fast_div:
-                scaled = _div_by_blocks(x, denom_b, ts, block, exact_asm=exact_asm)
+                scaled = _fast_div(x, codecs.per_block(denom_b, block), ts, exact_asm=exact_asm)
             else:
                 denom = jnp.broadcast_to(codecs.per_block(denom_b, block), x.shape)
                 scaled = codecs.div(x, denom, exact_asm=exact_asm)
@@ -183,20 +186,19 @@ def _quantize_kernel(
         plgpu.store(scales_ref, scale_codes, mask=s_rows_ok[:, None] & s_cols_ok[None, :])
 
 
-def _div_by_blocks(xb, denom_b, ts, block, *, exact_asm):
-    """RN(x / denom) for a blocked tile and its per-block denominators, one reciprocal per block.
+def _fast_div(x, denom, ts, *, exact_asm):
+    """RN(x / denom) for positive denominators shared by many elements (per block, or the tensor
+    scale), broadcastable to x: one reciprocal per denominator (QuantizeConfig.fast_div).
 
     Both sides are first multiplied by 2^k (k = -floor(log2 ts), per tensor), which is exact and
-    keeps the quotient, and puts every denominator (block scale in [2^-9, 448] times ts 2^k in
-    [1, 2), or a subnormal spec product scaled up) in [2^-23, 896]: the range where div.rn's fast
-    path needs no slow path. Elements whose scaled value underflows give quotients far below the
-    first E2M1 rounding point either way."""
+    keeps the quotient, and puts every denominator (a block scale in [2^-9, 448] times ts 2^k in
+    [1, 2), a subnormal spec product scaled up, or ts 2^k itself) in [2^-23, 896]: the range where
+    div.rn's fast path needs no slow path. An element whose scaled value underflows has a quotient
+    below 2^-100, which every element grid rounds to zero either way."""
     p = codecs.pow2(jnp.clip(-codecs.floor_log2(ts), -126, 126))
-    d_b = denom_b * p
-    r_b = codecs.reciprocal(jnp.where(d_b > 0, d_b, 1.0), exact_asm=exact_asm)
-    return codecs.div_by_reciprocal(
-        xb * p, codecs.per_block(d_b, block), codecs.per_block(r_b, block), exact_asm=exact_asm
-    )
+    d = denom * p
+    r = codecs.reciprocal(jnp.where(d > 0, d, 1.0), exact_asm=exact_asm)
+    return codecs.div_by_reciprocal(x * p, d, r, exact_asm=exact_asm)
 
 
 @functools.partial(

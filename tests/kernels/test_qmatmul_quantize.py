@@ -59,12 +59,12 @@ _VARIANTS = {
 }
 
 
-# fast_div only changes the NVFP4 element division: the other formats run the two fp8 paths.
+# fast_div only changes the NVFP4 and FP8 element divisions (MX formats multiply by 2^-e).
 _CASES_BY_VARIANT = [
     (*case, variant)
     for case in CASES
     for variant in _VARIANTS
-    if variant != "fast_div" or case[0] == "nvfp4"
+    if variant != "fast_div" or case[0] in ("nvfp4", "fp8")
 ]
 
 
@@ -84,16 +84,17 @@ def test_quantize_kernel_is_bit_exact_with_formats(fmt, block, shape, axis, roun
     _assert_same(q, r)
 
 
+@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
 @pytest.mark.parametrize("magnitude", [1e-38, 1e-30, 1.0, 1e30, 3e37])
-def test_fast_division_rescaling_keeps_tiny_and_huge_tensors_bit_exact(magnitude):
+def test_fast_division_rescaling_keeps_tiny_and_huge_tensors_bit_exact(magnitude, fmt):
     """fast_div multiplies x and the block denominators by 2^-floor(log2 ts): exact, so tensors
     whose tensor scale is subnormal (1e-38) or huge quantize exactly as the spec does."""
     x = _x((32, 64), seed=4) * jnp.float32(magnitude / 3e4)
     cfg = QuantizeConfig(block_rows=32, block_cols=64, hw_fp8=True, fast_div=True)
     for rounding in ("rne", "stochastic"):
         key = jax.random.key(7)
-        q = quantize(x, "nvfp4", rounding=rounding, key=key, config=cfg, interpret=True)
-        _assert_same(q, formats.quantize(x, "nvfp4", rounding=rounding, key=key))
+        q = quantize(x, fmt, rounding=rounding, key=key, config=cfg, interpret=True)
+        _assert_same(q, formats.quantize(x, fmt, rounding=rounding, key=key))
 
 
 def test_all_zero_tensor_gives_zero_codes_and_unit_tensor_scale():

@@ -74,6 +74,7 @@ def check_quantize(results, small, interpret):
         ("mxfp4", (1, 32), "rne"),
         ("mxfp8", (1, 32), "stochastic"),
         ("fp8", None, "rne"),
+        ("fp8", None, "rne fast-div"),
     ]
     for fmt, block, rounding in cases:
         name = f"quantize {fmt} {block} {rounding}"
@@ -83,7 +84,10 @@ def check_quantize(results, small, interpret):
         if " " in rounding:
             rounding, variant = rounding.split()
             cfg = qp.pick_quantize_config(
-                shape, block, on_gpu=not interpret, hw_fp8=not interpret and has_fp8_conversions()
+                shape,
+                block or (1, 1),
+                on_gpu=not interpret,
+                hw_fp8=not interpret and has_fp8_conversions(),
             )
             cfg = dataclasses.replace(
                 cfg, **({"hw_fp8": False} if variant == "int-fp8" else {"fast_div": True})

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from horizon.errors import ConfigError, NonFiniteError, ShapeError
 from horizon.quant import rounding as _rounding
+from kernels.qmatmul import codecs as _codecs
 from kernels.qmatmul import qtensor as _qt
 from kernels.qmatmul.qtensor import E2M1_MAX, E4M3_MAX, QTensor
 
@@ -160,11 +161,9 @@ def _to_float8_bits(v: jax.Array, elem: str) -> jax.Array:
 
 
 def _div(a: jax.Array, b) -> jax.Array:
-    """a / b correctly rounded (IEEE). XLA rewrites a / broadcast(b) as a * (1 / b), which is off
-    by an ulp now and then and would move values sitting on an E2M1 midpoint; the barrier hides the
-    broadcast, so the divide stays a divide (and costs about the same on CPU)."""
-    b = jax.lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(b, jnp.float32), a.shape))
-    return a / b
+    """a / b correctly rounded (IEEE) on CPU: kernels.qmatmul.codecs.exact_div (XLA would
+    otherwise turn a division by a broadcast b into a multiply by 1 / b)."""
+    return _codecs.exact_div(a, jnp.asarray(b, jnp.float32))
 
 
 def check_finite(x: jax.Array, what: str) -> None:

@@ -223,10 +223,11 @@ def encode(values, elem: str):
     return (code | (neg.astype(jnp.int32) << 7)).astype(jnp.uint8)
 
 
-def _exact_div(x, y):
-    """x / y correctly rounded under XLA: a divisor broadcast inside the same computation may be
-    rewritten as a multiply by its reciprocal (an ulp off now and then), so the broadcast divisor
-    goes behind an optimization barrier, as horizon.quant.formats._div does."""
+def exact_div(x, y):
+    """x / y correctly rounded under XLA on CPU (horizon.quant.formats' divisions use it too):
+    XLA rewrites a division by a broadcast divisor as a multiply by its reciprocal (an ulp off now
+    and then, enough to move a value sitting on an E2M1 midpoint), so the broadcast divisor goes
+    behind an optimization barrier, which keeps the divide a divide."""
     y = lax.optimization_barrier(jnp.broadcast_to(y, jnp.broadcast_shapes(x.shape, y.shape)))
     return x / y
 
@@ -235,7 +236,7 @@ def div(x, y, *, exact_asm: bool):
     """x / y rounded to nearest even. Triton lowers fp32 `/` to the approximate div.full.f32, so
     on GPU the IEEE division is spelled out in PTX (bit-exactness with the XLA spec needs it)."""
     if not exact_asm:
-        return _exact_div(x, y)
+        return exact_div(x, y)
     x, y = jnp.broadcast_arrays(x, y)
     [out] = plgpu.elementwise_inline_asm(
         "div.rn.f32 $0, $1, $2;",
@@ -282,7 +283,7 @@ def div_by_reciprocal(x, d, r, *, exact_asm: bool):
     E2M1 grid). The sign comes from x (d > 0), which keeps -0.0 where the FMA sequence would not.
     Interpret mode divides exactly."""
     if not exact_asm:
-        return _exact_div(x, d)
+        return exact_div(x, d)
     x, d, r = jnp.broadcast_arrays(x, d, r)
     [q] = plgpu.elementwise_inline_asm(
         _DIV_BY_RECIPROCAL_ASM,

@@ -13,10 +13,6 @@ every earlier position), rolled back with the target's.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,29 +31,6 @@ from horizon.infer.speculative import (
     require_attention_only,
     run_rounds,
 )
-
-
-class _Walk(NamedTuple):
-    """What horizon.infer.step's layer walk reads of a model, so `extend` and its caches run (a) the
-    trunk alone, returning the residual stream instead of logits, and (b) one MTP head block over a
-    given trunk."""
-
-    cfg: Any
-    embed: Callable
-    layers: Sequence
-    final_norm: Callable
-    logits: Callable
-
-
-def _trunk_walk(model) -> _Walk:
-    same = lambda x: x
-    return _Walk(model.cfg, model.embed, model.layers, same, same)
-
-
-def _head_walk(model, d: int, trunk_BTM) -> _Walk:
-    # The head block's "embedding" is the trunk: it ignores the token ids extend passes it.
-    return _Walk(dataclasses.replace(model.cfg, n_layers=1), lambda _: trunk_BTM, [model.mtp.blocks[d]],
-                 model.mtp.norms[d], model.logits)
 
 
 def mtp_depth_used(model, k: int | None = None) -> int:
@@ -86,13 +59,14 @@ def forward(model, caches: list, tokens_BT: jax.Array, k: int):
     [B, T, V], head logits [B, k, T, V] (head d at t predicts token t + 1 + d), caches). `caches`:
     the model's layers' full caches, then one per head block."""
     L = model.cfg.n_layers
-    trunk_BTM, main = steps.extend(_trunk_walk(model), caches[:L], tokens_BT)
-    trunk_BTM = trunk_BTM.astype(jnp.dtype(model.cfg.compute_dtype))  # extend returns float32
+    trunk_BTM, main = steps.extend_layers(model.layers, caches[:L], model.embed(tokens_BT))
+    trunk_BTM = trunk_BTM.astype(jnp.dtype(model.cfg.compute_dtype))
     logits_BTV = model.logits(model.final_norm(trunk_BTM)).astype(jnp.float32)
     heads, head_caches = [], []
     for d in range(k):
-        logits_d, (c,) = steps.extend(_head_walk(model, d, trunk_BTM), caches[L + d:L + d + 1], tokens_BT)
-        heads.append(logits_d)
+        # Head block d reads the trunk (not token embeddings) and keeps its own cache of it.
+        h_BTM, (c,) = steps.extend_layers([model.mtp.blocks[d]], caches[L + d:L + d + 1], trunk_BTM)
+        heads.append(model.logits(model.mtp.norms[d](h_BTM)).astype(jnp.float32))
         head_caches.append(c)
     return logits_BTV, jnp.stack(heads, axis=1), main + head_caches
 
@@ -100,9 +74,8 @@ def forward(model, caches: list, tokens_BT: jax.Array, k: int):
 def init_caches(model, k: int, *, batch: int, capacity: int) -> list:
     """Full caches for the model's layers and its first k head blocks."""
     full = Decode(cache="full")
-    heads = [steps.init_caches(_head_walk(model, d, None), full, batch=batch, capacity=capacity)[0]
-             for d in range(k)]
-    return steps.init_caches(model, full, batch=batch, capacity=capacity) + heads
+    return (steps.init_caches(model, full, batch=batch, capacity=capacity)
+            + steps.init_caches(model, full, batch=batch, capacity=capacity, layers=model.mtp.blocks[:k]))
 
 
 def mtp_speculative_generate(model, tokens_BP, lengths_B=None, *, decode: Decode | None = None,

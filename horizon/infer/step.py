@@ -19,12 +19,13 @@ from kernels.sparse_decode import decode_attend
 # ------------------------------------------------------------------------------------ caches
 
 
-def init_caches(model, decode, *, batch: int, capacity: int) -> list:
+def init_caches(model, decode, *, batch: int, capacity: int, layers=None) -> list:
     """One cache per layer: an attention cache of `decode.cache` kind with `capacity` slots, or the
-    Mamba-2 layer's zero recurrent state."""
+    Mamba-2 layer's zero recurrent state. layers: blocks of the model's shapes other than its own
+    stack (e.g. its MTP head blocks); default model.layers."""
     cfg = model.cfg
     caches = []
-    for block in model.layers:
+    for block in model.layers if layers is None else layers:
         if block.mixer_name == "attn":
             caches.append(kv.init_cache(decode.cache, batch=batch, capacity=capacity, kv_heads=cfg.kv_heads,
                                         head_dim=cfg.head_dim, dtype=jnp.dtype(cfg.compute_dtype),
@@ -198,10 +199,18 @@ def extend(model, caches, tokens_BT):
 
         caches, logits_TBV = jax.lax.scan(body, caches, tokens_BT.T)
         return jnp.moveaxis(logits_TBV, 0, 1), caches
-    B, T = tokens_BT.shape
-    x = model.embed(tokens_BT)
+    x, caches = extend_layers(model.layers, caches, model.embed(tokens_BT))
+    return _logits(model, x), caches
+
+
+def extend_layers(layers, caches, x_BTM):
+    """(residual stream [B, T, M] after `layers`, their caches with the T inputs appended): the
+    parallel pass of `extend` for full or paged caches and Mamba-2 states, from the inputs of the
+    first layer (a model's embeddings, or the trunk for its MTP head blocks)."""
+    B, T = x_BTM.shape[:2]
+    x = x_BTM
     out = []
-    for block, c in zip(model.layers, caches):
+    for block, c in zip(layers, caches):
         h = block.norm1(x)
         if block.mixer_name == "attn":
             m = block.mixer
@@ -224,7 +233,7 @@ def extend(model, caches, tokens_BT):
             y, c = block.mixer.prefill(h, cache=c)
             out.append(c)
         x = _mlp(block, x + y)
-    return _logits(model, x), out
+    return x, out
 
 
 def require_capacity(caches, needed: int, *, what: str) -> None:

@@ -39,6 +39,23 @@ class _Carry(NamedTuple):
     key: jax.Array
 
 
+def check_prompts(tokens_BP, lengths_B, vocab_size: int, *, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens [B, P], lengths [B] int32, default all P) after checking them: a ShapeError naming
+    `what` for a non-int or non-2-D array, lengths outside [1, P], or tokens outside the vocabulary."""
+    tokens_BP = np.asarray(tokens_BP)
+    if tokens_BP.ndim != 2 or not np.issubdtype(tokens_BP.dtype, np.integer):
+        raise ShapeError(f"{what}: prompts must be an int array [batch, length], got {tokens_BP.dtype} "
+                         f"{tokens_BP.shape}; use pad_prompts(list_of_arrays)")
+    B, P = tokens_BP.shape
+    lengths_B = np.full((B,), P, np.int32) if lengths_B is None else np.asarray(lengths_B, np.int32)
+    if lengths_B.shape != (B,) or lengths_B.min() < 1 or lengths_B.max() > P:
+        raise ShapeError(f"{what}: lengths {lengths_B.tolist()} must be {B} values in [1, {P}]")
+    if tokens_BP.min() < 0 or tokens_BP.max() >= vocab_size:
+        raise ShapeError(f"{what}: prompt tokens must be in [0, {vocab_size}), got "
+                         f"[{tokens_BP.min()}, {tokens_BP.max()}]")
+    return tokens_BP, lengths_B
+
+
 def pad_prompts(prompts, *, padding: str = "right") -> tuple[np.ndarray, np.ndarray]:
     """(tokens [B, P] int32, lengths [B]) from a list of 1-D token arrays, padded with zeros."""
     lengths = np.array([len(p) for p in prompts], np.int32)
@@ -115,19 +132,9 @@ class Decoder:
         """Generate for prompts tokens_BP [B, P] (int; lengths_B [B], default all P) padded on the
         `padding` side. on_tokens(new [B, n]) is called after every `chunk` tokens (default: once)."""
         d, cfg = self.decode, self.model.cfg
-        tokens_BP = np.asarray(tokens_BP)
-        if tokens_BP.ndim != 2 or not np.issubdtype(tokens_BP.dtype, np.integer):
-            raise ShapeError(f"generate: prompts must be an int array [batch, length], got {tokens_BP.dtype} "
-                             f"{tokens_BP.shape}; use pad_prompts(list_of_arrays)")
-        B, P = tokens_BP.shape
-        lengths_B = np.full((B,), P, np.int32) if lengths_B is None else np.asarray(lengths_B, np.int32)
-        if lengths_B.shape != (B,) or lengths_B.min() < 1 or lengths_B.max() > P:
-            raise ShapeError(f"generate: lengths {lengths_B.tolist()} must be {B} values in [1, {P}]")
+        tokens_BP, lengths_B = check_prompts(tokens_BP, lengths_B, cfg.vocab_size, what="generate")
         if padding not in ("left", "right"):
             raise ConfigError(f"generate: padding={padding!r} must be 'left' or 'right'")
-        if tokens_BP.min() < 0 or tokens_BP.max() >= cfg.vocab_size:
-            raise ShapeError(f"generate: prompt tokens must be in [0, {cfg.vocab_size}), got "
-                             f"[{tokens_BP.min()}, {tokens_BP.max()}]")
         if padding == "left":  # back to right-padded, the layout to_left_padded widens
             tokens_BP = to_left_padded(tokens_BP[:, ::-1], lengths_B)[:, ::-1]
             tokens_BP = np.ascontiguousarray(tokens_BP)

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from horizon.config import Decode
-from horizon.errors import ConfigError, ShapeError
+from horizon.errors import ConfigError
 from horizon.infer import cache as kv
 from horizon.infer import step as steps
+from horizon.infer.generate import check_prompts
 from horizon.infer.sampling import draw, token_probs
 from horizon.infer.speculative import (
     SpeculativeResult,
@@ -90,18 +90,9 @@ def mtp_speculative_generate(model, tokens_BP, lengths_B=None, *, decode: Decode
     if d.cache != "full" or d.policy != "full":
         raise ConfigError(f"MTP speculative decoding verifies with a full cache and the full policy, not "
                           f"decode.cache={d.cache!r}, decode.policy={d.policy!r}; leave both at 'full'")
-    tokens_BP = np.asarray(tokens_BP)
-    if tokens_BP.ndim != 2 or not np.issubdtype(tokens_BP.dtype, np.integer):
-        raise ShapeError(f"mtp_speculative_generate: prompts must be an int array [batch, length], got "
-                         f"{tokens_BP.dtype} {tokens_BP.shape}; use pad_prompts(list_of_arrays)")
-    B, P = tokens_BP.shape
-    lengths_B = np.full((B,), P, np.int32) if lengths_B is None else np.asarray(lengths_B, np.int32)
-    if lengths_B.shape != (B,) or lengths_B.min() < 1 or lengths_B.max() > P:
-        raise ShapeError(f"mtp_speculative_generate: lengths {lengths_B.tolist()} must be {B} values in [1, {P}]")
     V = model.cfg.vocab_size
-    if tokens_BP.min() < 0 or tokens_BP.max() >= V:
-        raise ShapeError(f"mtp_speculative_generate: prompt tokens must be in [0, {V}), got "
-                         f"[{tokens_BP.min()}, {tokens_BP.max()}]")
+    tokens_BP, lengths_B = check_prompts(tokens_BP, lengths_B, V, what="mtp_speculative_generate")
+    B, P = tokens_BP.shape
     tokens_BP = jnp.asarray(tokens_BP, jnp.int32)
     # a round writes k + 1 slots past the last kept token before cutting back
     capacity = max(P, int(lengths_B.max()) + d.max_new_tokens + k + 1)

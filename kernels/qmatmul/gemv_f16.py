@@ -17,8 +17,9 @@ normal and keeps all of its 8 bits (smaller ones round at an absolute 2^-38 of t
 2^14 and the row powers are undone on the fp32 output.
 
 Word g of a row holds elements 8g..8g+7 (nibble i = element 8g + i, low nibble first as
-`pack_e2m1` stores them); the pair decoded from nibbles (j, j + 4) feeds two dots, so x is
-reordered outside the kernel so that each block_k chunk lists its columns by nibble position.
+`pack_e2m1` stores them); the f16 pair decoded from nibbles (j, j + 4) stays adjacent along K in
+the one [block_n, block_k] tile each step feeds its dot, so x is reordered outside the kernel into
+the same K order (`_interleave`, `to_f16_reordered`).
 """
 
 from __future__ import annotations
@@ -107,8 +108,8 @@ def row_exponents(x):
 
 def to_f16_reordered(x, e, block_k: int, k_padded: int):
     """x[M, K] * 2^-e (per row) in f16, zero-padded to k_padded columns (a multiple of block_k)
-    and each block_k chunk reordered by nibble position: column i * (block_k / 8) + g holds
-    element 8 g + i."""
+    and each block_k chunk reordered as `_interleave` lays out the decoded weights: column
+    ((w * 2 + jlow) * 2 + jhigh) * 2 + t holds element 8 w + jlow + 2 jhigh + 4 t."""
     m, k = x.shape
     kp = k_padded
     x16 = (x.astype(jnp.float32) * codecs.pow2(-e)[:, None]).astype(jnp.float16)
